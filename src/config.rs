@@ -1,0 +1,151 @@
+//! Command-line flags and environment variables, parsed with clap.
+//!
+//! Every flag also reads `KISSBOT_EXPORTER_<NAME>` (dots and dashes become
+//! underscores), so containers can be configured without a command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// The default HTTP port. 8377 lies outside the 9100-9999 block that the
+/// Prometheus exporter port registry has handed out, so it does not collide
+/// with node_exporter and friends on the same host.
+pub const DEFAULT_PORT: u16 = 8377;
+
+/// Runtime configuration of the exporter. Every field has a working default.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Path of the Unix socket the bots write to.
+    #[arg(long = "socket.path", env = "KISSBOT_EXPORTER_SOCKET_PATH", default_value = "/tmp/kissbot_monitor.sock")]
+    pub socket_path: PathBuf,
+
+    /// Permissions of the socket file, in octal; applied at creation time.
+    #[arg(long = "socket.mode", env = "KISSBOT_EXPORTER_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Most socket connections served at once; further ones are closed and counted.
+    #[arg(long = "socket.max-connections", env = "KISSBOT_EXPORTER_SOCKET_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub socket_max_connections: usize,
+
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long = "socket.idle-timeout", env = "KISSBOT_EXPORTER_SOCKET_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub socket_idle_timeout: Duration,
+
+    /// Longest accepted line in bytes; longer lines are skipped and counted.
+    #[arg(long = "socket.max-line-bytes", env = "KISSBOT_EXPORTER_SOCKET_MAX_LINE_BYTES", default_value_t = 64 * 1024)]
+    pub socket_max_line_bytes: usize,
+
+    /// SQLite database file (created, or migrated in place if it exists).
+    #[arg(long = "db.path", env = "KISSBOT_EXPORTER_DB_PATH", default_value = "kissbot_monitor.db")]
+    pub db_path: PathBuf,
+
+    /// Most rows the writer commits in one transaction.
+    #[arg(long = "db.batch-size", env = "KISSBOT_EXPORTER_DB_BATCH_SIZE", default_value_t = 4096)]
+    pub db_batch_size: usize,
+
+    /// Address of the HTTP server (metrics, landing page, health, API).
+    #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377")]
+    pub web_listen_address: SocketAddr,
+
+    /// Path under which the metrics are served.
+    #[arg(long = "web.telemetry-path", env = "KISSBOT_EXPORTER_WEB_TELEMETRY_PATH", default_value = "/metrics")]
+    pub web_telemetry_path: String,
+
+    /// A bot without a heartbeat for this long is marked stale.
+    #[arg(long = "heartbeat.stale-after", env = "KISSBOT_EXPORTER_HEARTBEAT_STALE_AFTER", default_value = "90s", value_parser = parse_duration)]
+    pub heartbeat_stale_after: Duration,
+
+    /// An offline or dead bot keeps its series this long, then they are removed.
+    #[arg(long = "bot.expiry", env = "KISSBOT_EXPORTER_BOT_EXPIRY", default_value = "1h", value_parser = parse_duration)]
+    pub bot_expiry: Duration,
+
+    /// Capacity of the queue between ingest and the database writer, in rows.
+    #[arg(long = "queue.capacity", env = "KISSBOT_EXPORTER_QUEUE_CAPACITY", default_value_t = 65536)]
+    pub queue_capacity: usize,
+
+    /// Log format.
+    #[arg(long = "log.format", env = "KISSBOT_EXPORTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log level or tracing filter directive (e.g. `info`, `debug`, `kissbot_exporter=debug`).
+    #[arg(long = "log.level", env = "KISSBOT_EXPORTER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Parses a configuration from command-line style arguments (the first
+    /// item is the program name); environment variables apply as for the binary.
+    pub fn try_from_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        Wrapper::try_parse_from(args).map(|w| w.config)
+    }
+}
+
+/// Parses a duration such as `90s`, `5m`, `1h`, `1h30m` or `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 90s, 5m, 1h)"))
+}
+
+/// Parses an octal file mode such as `0660` or `660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim().trim_start_matches("0o");
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?} is larger than 0777"));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::try_from_args(["kissbot-exporter"]).expect("defaults parse");
+        assert_eq!(c.web_listen_address.port(), DEFAULT_PORT);
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.heartbeat_stale_after, Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,85 @@
+//! The library's single error type.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while starting or running the exporter.
+///
+/// Bad input from bots is not an error in this sense: it is counted and
+/// logged where it happens and never reaches the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another exporter is alive on the same socket path.
+    #[error("socket {path} is in use by another running exporter")]
+    SocketInUse {
+        /// The contested socket path.
+        path: PathBuf,
+    },
+    /// The socket path exists and is not a socket, so it is never removed.
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket {
+        /// The path that is in the way.
+        path: PathBuf,
+    },
+    /// Binding or preparing the Unix socket failed.
+    #[error("cannot listen on socket {path}: {source}")]
+    SocketBind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding the HTTP listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    HttpBind {
+        /// The address that could not be bound.
+        addr: SocketAddr,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or migrating the database failed.
+    #[error("cannot open database {path}: {source}")]
+    DbOpen {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer exporter with an unknown schema.
+    #[error("database {path} has schema version {found}, newer than the supported {supported}")]
+    DbTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The `user_version` found in the file.
+        found: i64,
+        /// The newest version this build understands.
+        supported: i64,
+    },
+    /// A SQLite error outside of opening.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The database writer thread stopped before it reported back.
+    #[error("database writer thread stopped unexpectedly")]
+    WriterGone,
+    /// Registering a metric failed (a programming error caught at start-up).
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A configuration value is invalid.
+    #[error("invalid {what}: {reason}")]
+    Config {
+        /// Which setting.
+        what: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// Any other I/O failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,314 @@
+//! The HTTP server (hyper): metrics, landing page, health and a JSON API.
+//!
+//! Rendering the metrics walks every bot, so it runs on the blocking pool
+//! rather than on a runtime worker, where a large fleet would stall other
+//! requests and socket ingest.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::state::{State, Status};
+use crate::store::{format_time, unix_now, WriterStatus};
+
+/// The content type of the Prometheus text format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A request must send its headers within this time (HTTP slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The writer is considered stuck when its loop has not turned this long.
+const WRITER_STUCK_AFTER: f64 = 30.0;
+
+/// The queue is reported degraded above this fill ratio.
+const QUEUE_DEGRADED_RATIO: f64 = 0.9;
+
+/// What the HTTP handlers read.
+pub struct App {
+    /// Metrics and their registry.
+    pub metrics: Metrics,
+    /// The live registry of bots.
+    pub state: Arc<Mutex<State>>,
+    /// Where metrics are served.
+    pub telemetry_path: String,
+    /// The socket path, for the landing page and health.
+    pub socket_path: PathBuf,
+    /// The database path, for health.
+    pub db_path: PathBuf,
+    /// True while the socket accepts connections.
+    pub socket_listening: Arc<AtomicBool>,
+    /// Liveness of the writer thread.
+    pub writer: Arc<WriterStatus>,
+}
+
+/// Binds the HTTP listener; the bound address is returned so that port 0 works.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::HttpBind { addr, source })?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Serves HTTP until `shutdown`, then lets requests in flight finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!(address = %addr, "http server listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(route(&app, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http connection ended with an error") },
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    response(status, "application/json", value.to_string())
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let path = req.uri().path();
+    if path == app.telemetry_path {
+        return metrics(app, &req).await;
+    }
+    match path {
+        "/" => response(StatusCode::OK, "text/html; charset=utf-8", landing_page(app)),
+        "/health" => health(app),
+        "/healthz" | "/health/live" => response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/health/ready" => {
+            if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
+                response(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
+            } else {
+                response(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n")
+            }
+        }
+        "/api/bots" => json_response(StatusCode::OK, &bots_json(app)),
+        _ => response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+    }
+}
+
+async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let gzip = req
+        .headers()
+        .get(ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().split(';').next() == Some("gzip")));
+    let m = app.metrics.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let text = m.render();
+        if !gzip {
+            return (Bytes::from(text), false);
+        }
+        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(text.len() / 4), flate2::Compression::fast());
+        match enc.write_all(text.as_bytes()).and_then(|_| enc.finish()) {
+            Ok(z) => (Bytes::from(z), true),
+            Err(_) => (Bytes::from(text), false),
+        }
+    })
+    .await;
+    match rendered {
+        Ok((body, gzipped)) => {
+            let mut r = response(StatusCode::OK, METRICS_CONTENT_TYPE, body);
+            r.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+            if gzipped {
+                r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            r
+        }
+        Err(e) => {
+            warn!(error = %e, "rendering metrics failed");
+            response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "rendering metrics failed\n")
+        }
+    }
+}
+
+fn health(app: &App) -> Response<Full<Bytes>> {
+    let socket_ok = app.socket_listening.load(Ordering::SeqCst);
+    let db_ok = app.metrics.db_up.get() == 1;
+    let depth = app.metrics.queue_depth.get();
+    let capacity = app.metrics.queue_capacity.get().max(1);
+    let queue_ok = (depth as f64) < QUEUE_DEGRADED_RATIO * capacity as f64;
+    let writer_age = unix_now() - app.writer.last_loop.load(Ordering::Relaxed) as f64;
+    let writer_ok = app.writer.running.load(Ordering::SeqCst) && writer_age < WRITER_STUCK_AFTER;
+    let word = |ok: bool| if ok { "healthy" } else { "degraded" };
+    let all = socket_ok && db_ok && queue_ok && writer_ok;
+    let body = json!({
+        "status": word(all),
+        "version": env!("CARGO_PKG_VERSION"),
+        "components": {
+            "socket": {"status": word(socket_ok), "path": app.socket_path.display().to_string()},
+            "database": {"status": word(db_ok), "path": app.db_path.display().to_string(),
+                         "write_errors": app.metrics.db_write_errors.get()},
+            "queue": {"status": word(queue_ok), "depth": depth, "capacity": capacity},
+            "writer": {"status": word(writer_ok), "last_loop_age_seconds": writer_age.max(0.0).round()},
+        }
+    });
+    json_response(if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// A snapshot of the bots, sorted by channel, taken under the lock.
+fn bot_rows(app: &App) -> Vec<crate::state::Bot> {
+    let state = app.state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bots: Vec<_> = state.bots().cloned().collect();
+    drop(state);
+    bots.sort_by(|a, b| a.channel.cmp(&b.channel));
+    bots
+}
+
+fn bots_json(app: &App) -> serde_json::Value {
+    let now = unix_now();
+    let bots: Vec<_> = bot_rows(app)
+        .into_iter()
+        .map(|b| {
+            let features: serde_json::Map<_, _> = b.features.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            json!({
+                "channel": b.channel,
+                "pid": b.pid,
+                "status": b.status.as_str(),
+                "features": features,
+                "registered_at": format_time(b.registered_at),
+                "last_heartbeat": format_time(b.last_heartbeat),
+                "heartbeat_age_seconds": (now - b.last_heartbeat).max(0.0),
+                "heartbeats": b.heartbeats,
+                "restarts": b.restarts,
+            })
+        })
+        .collect();
+    json!({ "bots": bots })
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn landing_page(app: &App) -> String {
+    let now = unix_now();
+    let bots = bot_rows(app);
+    let count = |s: Status| bots.iter().filter(|b| b.status == s).count();
+    let mut html = String::with_capacity(4096 + bots.len() * 256);
+    let path = html_escape(&app.telemetry_path);
+    let _ = write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>KissBot Exporter</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.online{{color:#1a7f37}}\
+         .stale{{color:#9a6700}}.dead{{color:#cf222e}}.offline{{color:#57606a}}</style></head><body>\n\
+         <h1>KissBot Exporter</h1>\n<p>Version {version}. <a href=\"{path}\">Metrics</a> · \
+         <a href=\"/health\">Health</a> · <a href=\"/api/bots\">Bots (JSON)</a></p>\n\
+         <p>Socket <code>{socket}</code>. {n} bots: {on} online, {st} stale, {off} offline, {dead} dead.</p>\n\
+         <table><tr><th>Channel</th><th>State</th><th>PID</th><th>Heartbeat age</th><th>Registered</th>\
+         <th>Restarts</th><th>Features</th></tr>\n",
+        version = env!("CARGO_PKG_VERSION"),
+        socket = html_escape(&app.socket_path.display().to_string()),
+        n = bots.len(),
+        on = count(Status::Online),
+        st = count(Status::Stale),
+        off = count(Status::Offline),
+        dead = count(Status::Dead),
+    );
+    for b in &bots {
+        let features: Vec<String> =
+            b.features.iter().map(|(f, on)| format!("{}{}", if *on { "" } else { "-" }, html_escape(f))).collect();
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td class=\"{s}\">{s}</td><td>{}</td><td>{:.0}s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            html_escape(&b.channel),
+            b.pid,
+            (now - b.last_heartbeat).max(0.0),
+            html_escape(&format_time(b.registered_at)),
+            b.restarts,
+            features.join(" "),
+            s = b.status.as_str(),
+        );
+    }
+    html.push_str("</table>\n</body></html>\n");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::html_escape;
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            html_escape(r#"<script>alert("x'&")</script>"#),
+            "&lt;script&gt;alert(&quot;x&#39;&amp;&quot;)&lt;/script&gt;"
+        );
+    }
+}

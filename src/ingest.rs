@@ -1,0 +1,392 @@
+//! The Unix socket: binding it safely, accepting connections, and turning
+//! the lines each connection sends into state updates and database rows.
+//!
+//! A connection is read line by line; every complete line is parsed,
+//! validated and applied on its own, so one bad line costs exactly that line.
+//! Nothing is ever written back to a client, and nothing here waits on the
+//! database: rows go to the writer through [`Sink::send`], which never blocks.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::event::{parse_line, Reason, Rejection};
+use crate::metrics::Metrics;
+use crate::state::State;
+use crate::store::{unix_now, Row, Sink};
+
+/// How long connections still open at shutdown may keep sending before they
+/// are closed: fire-and-forget clients finish their line well within it.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(1500);
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Longest accepted line, in bytes.
+    pub max_line_bytes: usize,
+    /// Close a connection after this long without data.
+    pub idle_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
+}
+
+/// Everything a connection handler needs, shared by all of them.
+pub struct Ingest {
+    /// The live bot registry.
+    pub state: Arc<Mutex<State>>,
+    /// Where rows go.
+    pub sink: Sink,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Limits.
+    pub config: IngestConfig,
+    /// Rate limit for warnings about bad input.
+    pub bad_input_log: RateLimitedLog,
+}
+
+impl Ingest {
+    /// Parses and applies a batch of complete lines read together, taking
+    /// the state lock once for all of them.
+    pub fn handle_lines<'a>(&self, lines: impl Iterator<Item = &'a [u8]>) {
+        let mut events = Vec::new();
+        for line in lines {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match parse_line(line) {
+                Ok(event) => events.push(event),
+                Err(r) => self.reject(&r),
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        let mut rejections = Vec::new();
+        {
+            let now = unix_now();
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for event in events {
+                let kind = event.kind();
+                match state.apply(event, now, &mut rows) {
+                    Ok(()) => self.metrics.messages.with_label_values(&[kind]).inc(),
+                    Err(r) => rejections.push(r),
+                }
+            }
+        }
+        for r in &rejections {
+            self.reject(r);
+        }
+        for row in rows {
+            self.sink.send(row);
+        }
+    }
+
+    /// Counts a rejected line and logs it, rate-limited.
+    pub fn reject(&self, r: &Rejection) {
+        self.metrics.rejected.with_label_values(&[r.reason.as_str()]).inc();
+        if let Some(suppressed) = self.bad_input_log.allow() {
+            warn!(reason = %r.reason, detail = %r.detail, suppressed, "rejected a line from a bot");
+        }
+    }
+}
+
+/// Lets one log line through per interval and counts the ones held back, so
+/// a flood of bad input cannot flood the logs.
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    interval_ms: u64,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedLog {
+    /// At most one line per `interval`.
+    pub fn new(interval: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            interval_ms: interval.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if a line may be logged now (`n` were suppressed since the
+    /// last one), `None` if this one should be suppressed.
+    pub fn allow(&self) -> Option<u64> {
+        let now = (unix_now() * 1000.0) as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Owns the socket file and its lock; removes the socket when dropped, but
+/// only if the path still holds the very socket this process created.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    inode: u64,
+    _lock: File,
+    removed: AtomicBool,
+}
+
+impl SocketGuard {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unlinks the socket file so no new client can connect. Idempotent.
+    pub fn remove(&self) {
+        if self.removed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_socket() && m.ino() == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!(path = %self.path.display(), error = %e, "could not remove the socket file");
+                }
+            }
+            _ => debug!(path = %self.path.display(), "socket file already gone or replaced; left alone"),
+        }
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Binds the Unix socket. A lock file next to it (`<path>.lock`) makes a
+/// second exporter fail fast instead of stealing the socket; a leftover
+/// socket from a crashed run is replaced; a path that is not a socket is
+/// never removed. The mode applies from the first instant (umask around
+/// `bind`, not `chmod` after), so there is no window with wider permissions.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard)> {
+    let bind_err = |source| Error::SocketBind { path: path.to_owned(), source };
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(bind_err)?;
+    // SAFETY: flock on a file descriptor we own has no memory-safety impact.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::SocketInUse { path: path.to_owned() });
+        }
+        return Err(bind_err(e));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            // Held lock but a socket answers: a monitor that does not use the
+            // lock (the legacy Python one) is running there.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse { path: path.to_owned() });
+            }
+            info!(path = %path.display(), "replacing a stale socket from an earlier run");
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        Ok(_) => return Err(Error::NotASocket { path: path.to_owned() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    // SAFETY: umask only swaps the process file-creation mask. It is process
+    // wide, so this runs during start-up before any other file is created.
+    let old = unsafe { libc::umask((!mode & 0o777) as libc::mode_t) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let std_listener = bound.map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    let inode = std::fs::symlink_metadata(path).map_err(bind_err)?.ino();
+    let listener = UnixListener::from_std(std_listener).map_err(bind_err)?;
+    Ok((listener, SocketGuard { path: path.to_owned(), inode, _lock: lock, removed: AtomicBool::new(false) }))
+}
+
+/// Accepts connections until `shutdown` fires, then removes the socket file,
+/// drains connections already waiting in the backlog, and waits for every
+/// handler to finish its buffered lines.
+pub async fn serve(
+    listener: UnixListener,
+    guard: SocketGuard,
+    ingest: Arc<Ingest>,
+    shutdown: CancellationToken,
+    listening: Arc<AtomicBool>,
+) {
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(ingest.config.max_connections.max(1)));
+    let limit_log = RateLimitedLog::new(Duration::from_secs(10));
+    listening.store(true, Ordering::SeqCst);
+    info!(path = %guard.path().display(), "socket listening");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => admit(stream, &ingest, &permits, &tracker, &shutdown, &limit_log),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    // No new client can connect once the path is gone; those already queued
+    // in the backlog have written their line and are drained below.
+    guard.remove();
+    listening.store(false, Ordering::SeqCst);
+    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        admit(stream, &ingest, &permits, &tracker, &shutdown, &limit_log);
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    debug!("ingest stopped");
+}
+
+fn admit(
+    stream: UnixStream,
+    ingest: &Arc<Ingest>,
+    permits: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    limit_log: &RateLimitedLog,
+) {
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        ingest.metrics.connections_rejected.with_label_values(&["limit"]).inc();
+        if let Some(suppressed) = limit_log.allow() {
+            warn!(
+                limit = ingest.config.max_connections,
+                suppressed, "connection limit reached; closing new connections"
+            );
+        }
+        return;
+    };
+    ingest.metrics.connections.inc();
+    ingest.metrics.connections_active.inc();
+    let ingest = ingest.clone();
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        handle(stream, &ingest, shutdown).await;
+        ingest.metrics.connections_active.dec();
+        drop(permit);
+    });
+}
+
+/// Reads one connection until EOF, idle timeout, error, or the end of the
+/// shutdown grace period.
+async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken) {
+    let max = ingest.config.max_line_bytes;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    // True while skipping the rest of an over-long line.
+    let mut discarding = false;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(8192.min(max + 1));
+        }
+        let read = match deadline {
+            Some(d) => tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await,
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    deadline = Some(Instant::now() + DRAIN_GRACE);
+                    continue;
+                }
+                r = tokio::time::timeout(ingest.config.idle_timeout, stream.read_buf(&mut buf)) => r,
+            },
+        };
+        let n = match read {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                debug!(error = %e, "connection read failed");
+                break;
+            }
+            Err(_) => {
+                debug!(grace = deadline.is_some(), "connection closed after timeout");
+                break;
+            }
+        };
+        if n == 0 {
+            // EOF. A last line without a newline is still a line (a truncated
+            // one fails to parse and is counted).
+            if !discarding && !buf.is_empty() {
+                ingest.handle_lines(std::iter::once(&buf[..]));
+            }
+            return;
+        }
+        let scan_from = buf.len() - n;
+        let Some(last_nl) = memchr::memrchr(b'\n', &buf[scan_from..]).map(|i| scan_from + i) else {
+            if buf.len() > max {
+                if !discarding {
+                    ingest.reject(&Rejection::new(
+                        Reason::LineTooLong,
+                        format!("line longer than {max} bytes; skipped up to the next newline"),
+                    ));
+                    discarding = true;
+                }
+                buf.clear();
+            }
+            continue;
+        };
+        let complete = &buf[..last_nl];
+        let mut lines = complete.split(|b| *b == b'\n');
+        if discarding {
+            // The first piece is the tail of the over-long line.
+            lines.next();
+            discarding = false;
+        }
+        let mut too_long = 0usize;
+        ingest.handle_lines(lines.filter(|l| {
+            if l.len() > max {
+                too_long += 1;
+                false
+            } else {
+                true
+            }
+        }));
+        for _ in 0..too_long {
+            ingest.reject(&Rejection::new(Reason::LineTooLong, format!("line longer than {max} bytes")));
+        }
+        buf.drain(..=last_nl);
+        if buf.len() > max {
+            ingest.reject(&Rejection::new(
+                Reason::LineTooLong,
+                format!("line longer than {max} bytes; skipped up to the next newline"),
+            ));
+            discarding = true;
+            buf.clear();
+        }
+        // Do not let one huge read keep a large buffer alive for an idle
+        // long-lived connection.
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+            buf = Vec::with_capacity(1024);
+        }
+    }
+}

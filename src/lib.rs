@@ -1,0 +1,219 @@
+//! `kissbot-exporter`: a drop-in replacement for the KissBot fleet's local
+//! monitor that speaks the bots' Unix-socket protocol, keeps the legacy
+//! SQLite file, and exposes the fleet to Prometheus.
+//!
+//! # Modules
+//!
+//! - [`config`]: flags and environment variables (clap).
+//! - [`ingest`]: the Unix socket: safe bind, accept loop, per-connection line reader.
+//! - [`event`]: the wire messages and their validation; rejection reasons.
+//! - [`state`]: the bot registry and LLM tallies; pure, clock passed in.
+//! - [`pricing`]: the LLM price table and cost computation.
+//! - [`metrics`]: the Prometheus registry and the collector over the state; no I/O.
+//! - [`store`]: the only code that touches SQLite, on its own writer thread.
+//! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
+//! - [`shutdown`]: waiting for SIGTERM/SIGINT.
+//! - [`error`]: the crate's error type.
+//!
+//! [`start`] wires them together and returns a [`Running`] exporter whose
+//! bound addresses tests can read; [`run`] is `start` plus waiting for a
+//! shutdown future, which is all the binary does.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod pricing;
+pub mod shutdown;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use crate::config::Config;
+pub use crate::error::{Error, Result};
+
+use crate::ingest::{Ingest, IngestConfig, RateLimitedLog};
+use crate::metrics::Metrics;
+use crate::pricing::PriceTable;
+use crate::state::{OverflowCounters, State, StateConfig};
+use crate::store::{Sink, StoreConfig, WriterStatus};
+
+/// How often the state is swept for stale bots and coalesced writes.
+const TICK: Duration = Duration::from_secs(1);
+
+/// A started exporter. Dropping it without [`Running::shutdown`] aborts
+/// nothing cleanly; call `shutdown` to drain.
+pub struct Running {
+    http_addr: SocketAddr,
+    socket_path: PathBuf,
+    token: CancellationToken,
+    ingest_task: JoinHandle<()>,
+    ticker_task: JoinHandle<()>,
+    http_task: JoinHandle<()>,
+    state: Arc<Mutex<State>>,
+    sink: Sink,
+    writer: store::Writer,
+    metrics: Metrics,
+}
+
+impl Running {
+    /// The bound HTTP address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The socket path bots write to.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket_path
+    }
+
+    /// The metrics, for in-process inspection.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops accepting, finishes lines already read, drains the queue into
+    /// SQLite and closes the database. Bots are not marked offline: they
+    /// keep running while the exporter restarts.
+    pub async fn shutdown(self) -> Result<()> {
+        self.token.cancel();
+        if let Err(e) = self.ingest_task.await {
+            warn!(error = %e, "ingest task failed");
+        }
+        if let Err(e) = self.ticker_task.await {
+            warn!(error = %e, "ticker task failed");
+        }
+        // Heartbeats coalesced since the last tick would otherwise be lost.
+        let mut rows = Vec::new();
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).flush(store::unix_now(), &mut rows);
+        for row in rows {
+            self.sink.send(row);
+        }
+        // The last sender goes away here, so the writer sees the queue
+        // disconnect once it has taken every row, and stops.
+        drop(self.sink);
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.join()).await.map_err(|_| Error::WriterGone)??;
+        if let Err(e) = self.http_task.await {
+            warn!(error = %e, "http task failed");
+        }
+        info!(rows_written = self.metrics.db_rows_written.get(), "exporter stopped");
+        Ok(())
+    }
+}
+
+/// Binds the socket and the HTTP port, opens the database, restores known
+/// bots and starts serving. Returns once everything listens.
+pub async fn start(config: Config) -> Result<Running> {
+    let metrics = Metrics::new()?;
+    metrics.queue_capacity.set(config.queue_capacity as i64);
+    // The socket comes first: its bind changes the process umask briefly,
+    // and no other thread creates files yet.
+    let (listener, guard) = ingest::bind(&config.socket_path, config.socket_mode)?;
+    let (http_listener, http_addr) = http::bind(config.web_listen_address).await?;
+
+    let writer_status = Arc::new(WriterStatus::default());
+    let store_config = StoreConfig {
+        path: config.db_path.clone(),
+        queue_capacity: config.queue_capacity,
+        batch_size: config.db_batch_size,
+    };
+    let (m, ws) = (metrics.clone(), writer_status.clone());
+    let (sink, restored, writer) = tokio::task::spawn_blocking(move || store::start(store_config, &m, ws))
+        .await
+        .map_err(|_| Error::WriterGone)??;
+
+    let mut state = State::new(
+        StateConfig {
+            stale_after: config.heartbeat_stale_after.as_secs_f64(),
+            expiry: config.bot_expiry.as_secs_f64(),
+            max_bots: 10_000,
+            max_llm_series: 10_000,
+        },
+        PriceTable::legacy(),
+        OverflowCounters {
+            channel: metrics.label_overflow.with_label_values(&["channel"]),
+            llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
+        },
+    );
+    let known = restored.len();
+    let n = state.restore(restored, store::unix_now());
+    info!(restored = n, in_database = known, "restored bots from the database");
+    let state = Arc::new(Mutex::new(state));
+    metrics.register_state(state.clone())?;
+
+    let token = CancellationToken::new();
+    let listening = Arc::new(AtomicBool::new(false));
+    let ingest = Arc::new(Ingest {
+        state: state.clone(),
+        sink: sink.clone(),
+        metrics: metrics.clone(),
+        config: IngestConfig {
+            max_line_bytes: config.socket_max_line_bytes,
+            idle_timeout: config.socket_idle_timeout,
+            max_connections: config.socket_max_connections,
+        },
+        bad_input_log: RateLimitedLog::new(Duration::from_secs(1)),
+    });
+    let ingest_task = tokio::spawn(ingest::serve(listener, guard, ingest, token.clone(), listening.clone()));
+    let ticker_task = tokio::spawn(ticker(state.clone(), sink.clone(), token.clone()));
+    let app = Arc::new(http::App {
+        metrics: metrics.clone(),
+        state: state.clone(),
+        telemetry_path: config.web_telemetry_path.clone(),
+        socket_path: config.socket_path.clone(),
+        db_path: config.db_path.clone(),
+        socket_listening: listening,
+        writer: writer_status,
+    });
+    let http_task = tokio::spawn(http::serve(http_listener, app, token.clone()));
+    Ok(Running {
+        http_addr,
+        socket_path: config.socket_path,
+        token,
+        ingest_task,
+        ticker_task,
+        http_task,
+        state,
+        sink,
+        writer,
+        metrics,
+    })
+}
+
+/// Runs the exporter until `shutdown` resolves, then drains and stops.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let running = start(config).await?;
+    shutdown.await;
+    running.shutdown().await
+}
+
+/// Sweeps the state once per [`TICK`]: stale transitions, coalesced
+/// heartbeat writes, expiry. Holds its own sender until shutdown.
+async fn ticker(state: Arc<Mutex<State>>, sink: Sink, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rows = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        state.lock().unwrap_or_else(|e| e.into_inner()).tick(store::unix_now(), &mut rows);
+        for row in rows.drain(..) {
+            sink.send(row);
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! The bot registry and LLM tallies: the in-memory truth behind the metrics.
+//!
+//! [`State`] is a plain data structure with no I/O and no clock of its own:
+//! every operation takes `now` (Unix seconds) and appends the database rows it
+//! implies to an output vector. The caller holds the lock only for that, and
+//! sends the rows to the writer after releasing it. This keeps the state
+//! deterministic and testable with a fake clock.
+
+use std::collections::HashMap;
+
+use prometheus::IntCounter;
+use tracing::{info, warn};
+
+use crate::event::{Event, LlmUsage, Reason, Rejection};
+use crate::pricing::{CostSource, PriceTable};
+use crate::store::{RestoredBot, Row};
+
+/// Upper bounds of the LLM latency histogram, in seconds: LLM calls take from
+/// tens of milliseconds (cached, small models) to minutes (long generations).
+pub const LATENCY_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
+
+/// A heartbeat updates `bot_status.last_seen` in the database at most this
+/// often per bot; state changes are written at once.
+pub const PERSIST_INTERVAL: f64 = 5.0;
+
+/// The label value used when a cardinality limit is reached.
+pub const OVERFLOW_LABEL: &str = "other";
+
+/// The life-cycle state of a bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Heartbeats arrive.
+    Online,
+    /// No heartbeat for the stale-after period.
+    Stale,
+    /// The bot unregistered cleanly.
+    Offline,
+    /// The bot's process is gone.
+    Dead,
+}
+
+impl Status {
+    /// Every state, in the order the state-set metric lists them.
+    pub const ALL: [Status; 4] = [Status::Online, Status::Stale, Status::Offline, Status::Dead];
+
+    /// The label and database value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Stale => "stale",
+            Status::Offline => "offline",
+            Status::Dead => "dead",
+        }
+    }
+
+    /// Parses a stored status; unknown strings are treated as offline.
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "online" => Status::Online,
+            "stale" => Status::Stale,
+            "dead" => Status::Dead,
+            _ => Status::Offline,
+        }
+    }
+}
+
+/// One tracked bot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bot {
+    /// The channel, the bot's identity.
+    pub channel: String,
+    /// The current process id.
+    pub pid: u32,
+    /// The current state.
+    pub status: Status,
+    /// Features and whether they are enabled, sorted by name.
+    pub features: Vec<(String, bool)>,
+    /// When the current process registered (or was first seen).
+    pub registered_at: f64,
+    /// The last heartbeat or register.
+    pub last_heartbeat: f64,
+    /// When the bot entered its current state.
+    pub status_since: f64,
+    /// Heartbeats received since the exporter started tracking the bot.
+    pub heartbeats: u64,
+    /// Restarts (new pid for the same channel) seen by the exporter.
+    pub restarts: u64,
+    /// When `bot_status` was last written for this bot.
+    persisted_at: f64,
+    /// Whether `bot_status` is behind the in-memory state.
+    dirty: bool,
+}
+
+/// Counters of one (channel, model, feature) combination.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LlmSeries {
+    /// Calls.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// USD, from reported costs or the price table.
+    pub cost_usd: f64,
+    /// Calls that could not be priced.
+    pub unpriced: u64,
+    /// When the series last changed, for expiry.
+    pub updated_at: f64,
+}
+
+/// A latency histogram of one (channel, model) pair.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Latency {
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`]; the last slot is +Inf.
+    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of observations in seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Latency {
+    fn observe(&mut self, seconds: f64) {
+        let i = LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// Key of an LLM series.
+pub type LlmKey = (String, String, String);
+
+/// Settings of the state machine.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Seconds without heartbeat before a bot is stale.
+    pub stale_after: f64,
+    /// Seconds an offline or dead bot keeps its series.
+    pub expiry: f64,
+    /// Most bots tracked at once.
+    pub max_bots: usize,
+    /// Most (channel, model, feature) series at once.
+    pub max_llm_series: usize,
+}
+
+/// Counters the state bumps itself when a cardinality limit is hit.
+#[derive(Debug, Clone)]
+pub struct OverflowCounters {
+    /// New bots refused because `max_bots` is reached.
+    pub channel: IntCounter,
+    /// LLM calls folded into the `other` series.
+    pub llm_series: IntCounter,
+}
+
+/// The registry of bots and LLM tallies.
+#[derive(Debug)]
+pub struct State {
+    config: StateConfig,
+    pricing: PriceTable,
+    overflow: OverflowCounters,
+    bots: HashMap<String, Bot>,
+    llm: HashMap<LlmKey, LlmSeries>,
+    latency: HashMap<(String, String), Latency>,
+}
+
+fn features_json(features: &[(String, bool)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        features.iter().map(|(k, v)| (k.clone(), serde_json::Value::Bool(*v))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+impl Bot {
+    fn status_row(&mut self, now: f64) -> Row {
+        self.persisted_at = now;
+        self.dirty = false;
+        Row::BotStatus {
+            channel: self.channel.clone(),
+            pid: self.pid,
+            status: self.status.as_str(),
+            features_json: features_json(&self.features),
+            registered_at: self.registered_at,
+            last_seen: self.last_heartbeat,
+        }
+    }
+
+    fn event_row(&self, now: f64, event: &'static str, detail: Option<String>) -> Row {
+        Row::BotEvent { ts: now, channel: self.channel.clone(), pid: self.pid, event, detail }
+    }
+
+    fn set_status(&mut self, status: Status, now: f64) {
+        if self.status != status {
+            self.status = status;
+            self.status_since = now;
+        }
+    }
+}
+
+impl State {
+    /// An empty registry.
+    pub fn new(config: StateConfig, pricing: PriceTable, overflow: OverflowCounters) -> State {
+        State { config, pricing, overflow, bots: HashMap::new(), llm: HashMap::new(), latency: HashMap::new() }
+    }
+
+    /// Re-creates bots read back from the database at start-up, so their
+    /// series continue. Bots last seen longer ago than the expiry are left in
+    /// the database only. Online bots keep their last heartbeat time and go
+    /// stale at the next tick if they died while the exporter was down.
+    pub fn restore(&mut self, bots: Vec<RestoredBot>, now: f64) -> usize {
+        let mut restored = 0;
+        for b in bots {
+            if now - b.last_seen > self.config.expiry || self.bots.len() >= self.config.max_bots {
+                continue;
+            }
+            let status = Status::parse(&b.status);
+            self.bots.insert(
+                b.channel.clone(),
+                Bot {
+                    channel: b.channel,
+                    pid: b.pid,
+                    status,
+                    features: b.features,
+                    registered_at: b.registered_at,
+                    last_heartbeat: b.last_seen,
+                    status_since: b.last_seen,
+                    heartbeats: 0,
+                    restarts: 0,
+                    persisted_at: now,
+                    dirty: false,
+                },
+            );
+            restored += 1;
+        }
+        restored
+    }
+
+    /// Applies one event. Database rows it implies are appended to `out`.
+    pub fn apply(&mut self, event: Event, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+        match event {
+            Event::Register { channel, pid, features } => self.register(channel, pid, Some(features), now, out),
+            Event::Heartbeat { channel, pid } => self.heartbeat(channel, pid, now, out),
+            Event::Unregister { channel, pid } => self.unregister(channel, pid, now, out),
+            Event::LlmUsage(usage) => {
+                self.llm_usage(usage, now, out);
+                Ok(())
+            }
+        }
+    }
+
+    fn new_bot(
+        &mut self,
+        channel: String,
+        pid: u32,
+        features: Vec<(String, bool)>,
+        now: f64,
+    ) -> Result<&mut Bot, Rejection> {
+        if self.bots.len() >= self.config.max_bots {
+            self.overflow.channel.inc();
+            return Err(Rejection::new(
+                Reason::TooManyBots,
+                format!("bot limit {} reached; channel not tracked", self.config.max_bots),
+            ));
+        }
+        let bot = Bot {
+            channel: channel.clone(),
+            pid,
+            status: Status::Online,
+            features,
+            registered_at: now,
+            last_heartbeat: now,
+            status_since: now,
+            heartbeats: 0,
+            restarts: 0,
+            persisted_at: now,
+            dirty: true,
+        };
+        Ok(self.bots.entry(channel).or_insert(bot))
+    }
+
+    fn register(
+        &mut self,
+        channel: String,
+        pid: u32,
+        features: Option<Vec<(String, bool)>>,
+        now: f64,
+        out: &mut Vec<Row>,
+    ) -> Result<(), Rejection> {
+        let implicit = features.is_none();
+        if let Some(bot) = self.bots.get_mut(&channel) {
+            let previous = bot.status;
+            if bot.pid != pid {
+                let old = bot.pid;
+                bot.restarts += 1;
+                bot.pid = pid;
+                bot.registered_at = now;
+                info!(channel = %bot.channel, pid, previous_pid = old, restarts = bot.restarts, "bot restarted");
+                out.push(bot.event_row(now, "restart", Some(format!("previous pid {old}"))));
+            } else if implicit && previous != Status::Online {
+                info!(channel = %bot.channel, pid, from = previous.as_str(), "bot recovered");
+                out.push(bot.event_row(now, "recovered", Some(format!("was {}", previous.as_str()))));
+            } else if !implicit {
+                if previous != Status::Online {
+                    info!(channel = %bot.channel, pid, "bot registered");
+                }
+                out.push(bot.event_row(now, "register", None));
+            }
+            if let Some(f) = features {
+                bot.features = f;
+            }
+            if implicit {
+                bot.heartbeats += 1;
+            }
+            bot.last_heartbeat = now;
+            bot.set_status(Status::Online, now);
+            // Plain heartbeats never get here (see `heartbeat`): this is a
+            // state change, worth writing at once.
+            out.push(bot.status_row(now));
+            return Ok(());
+        }
+        let bot = self.new_bot(channel, pid, features.unwrap_or_default(), now)?;
+        if implicit {
+            bot.heartbeats += 1;
+            info!(channel = %bot.channel, pid, "bot registered implicitly by heartbeat");
+        } else {
+            info!(channel = %bot.channel, pid, "bot registered");
+        }
+        out.push(bot.event_row(now, "register", implicit.then(|| "implicit, by heartbeat".to_owned())));
+        out.push(bot.status_row(now));
+        Ok(())
+    }
+
+    fn heartbeat(&mut self, channel: String, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+        // The fast path: a known bot, same pid, already online. Nothing to
+        // write now; the ticker persists `last_seen` every few seconds.
+        if let Some(bot) = self.bots.get_mut(&channel) {
+            if bot.pid == pid && bot.status == Status::Online {
+                bot.heartbeats += 1;
+                bot.last_heartbeat = now;
+                bot.dirty = true;
+                return Ok(());
+            }
+        }
+        self.register(channel, pid, None, now, out)
+    }
+
+    fn unregister(&mut self, channel: String, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+        let Some(bot) = self.bots.get_mut(&channel) else {
+            // Unknown bot: keep the audit trail, track nothing.
+            out.push(Row::BotEvent { ts: now, channel, pid, event: "unregister", detail: Some("unknown bot".into()) });
+            return Ok(());
+        };
+        if bot.pid != pid {
+            return Err(Rejection::new(
+                Reason::PidMismatch,
+                format!("unregister for pid {pid} but channel {:?} runs pid {}", bot.channel, bot.pid),
+            ));
+        }
+        bot.last_heartbeat = now;
+        bot.set_status(Status::Offline, now);
+        info!(channel = %bot.channel, pid, "bot offline (unregistered)");
+        out.push(bot.event_row(now, "unregister", None));
+        out.push(bot.status_row(now));
+        Ok(())
+    }
+
+    fn llm_usage(&mut self, u: LlmUsage, now: f64, out: &mut Vec<Row>) {
+        let (cost, source) = self.pricing.cost(&u.model, u.tokens_in, u.tokens_out, u.reported_cost_usd);
+        let mut key = (u.channel.clone(), u.model.clone(), u.feature.clone());
+        if !self.llm.contains_key(&key) && self.llm.len() >= self.config.max_llm_series {
+            self.overflow.llm_series.inc();
+            key = (OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into());
+        }
+        let series = self.llm.entry(key).or_default();
+        series.requests += 1;
+        series.input_tokens += u.tokens_in;
+        series.output_tokens += u.tokens_out;
+        series.cost_usd += cost.unwrap_or(0.0);
+        if source == CostSource::Unpriced {
+            series.unpriced += 1;
+        }
+        series.updated_at = now;
+        if let Some(ms) = u.latency_ms {
+            let mut key = (u.channel.clone(), u.model.clone());
+            if !self.latency.contains_key(&key) && self.latency.len() >= self.config.max_llm_series {
+                key = (OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into());
+            }
+            self.latency.entry(key).or_default().observe(ms / 1000.0);
+        }
+        out.push(Row::LlmUsage {
+            ts: now,
+            channel: u.channel,
+            model: u.model,
+            feature: u.feature,
+            tokens_in: u.tokens_in,
+            tokens_out: u.tokens_out,
+            latency_ms: u.latency_ms,
+            cost_usd: cost,
+            cost_source: source.as_str(),
+            pid: u.pid,
+        });
+    }
+
+    /// Periodic work: marks silent bots stale, writes coalesced heartbeats,
+    /// and forgets bots and series past their expiry.
+    pub fn tick(&mut self, now: f64, out: &mut Vec<Row>) {
+        let stale_after = self.config.stale_after;
+        let expiry = self.config.expiry;
+        let mut expired = Vec::new();
+        for bot in self.bots.values_mut() {
+            if bot.status == Status::Online && now - bot.last_heartbeat > stale_after {
+                bot.set_status(Status::Stale, now);
+                warn!(
+                    channel = %bot.channel,
+                    pid = bot.pid,
+                    silent_seconds = (now - bot.last_heartbeat).round(),
+                    "bot stale: no heartbeat"
+                );
+                out.push(bot.event_row(
+                    now,
+                    "stale",
+                    Some(format!("no heartbeat for {:.0}s", now - bot.last_heartbeat)),
+                ));
+                out.push(bot.status_row(now));
+            } else if bot.dirty && now - bot.persisted_at >= PERSIST_INTERVAL {
+                out.push(bot.status_row(now));
+            }
+            if matches!(bot.status, Status::Offline | Status::Dead) && now - bot.status_since > expiry {
+                expired.push(bot.channel.clone());
+            }
+        }
+        for channel in &expired {
+            self.bots.remove(channel);
+            info!(channel = %channel, "bot series expired");
+        }
+        if !expired.is_empty() || !self.llm.is_empty() {
+            let bots = &self.bots;
+            self.llm.retain(|(c, _, _), s| bots.contains_key(c) || now - s.updated_at <= expiry);
+            let llm = &self.llm;
+            self.latency.retain(|(c, m), _| llm.keys().any(|(lc, lm, _)| lc == c && lm == m));
+        }
+    }
+
+    /// Writes every bot whose `last_seen` is behind, regardless of the
+    /// coalescing interval. Used at shutdown so nothing is lost.
+    pub fn flush(&mut self, now: f64, out: &mut Vec<Row>) {
+        for bot in self.bots.values_mut().filter(|b| b.dirty) {
+            out.push(bot.status_row(now));
+        }
+    }
+
+    /// The tracked bots.
+    pub fn bots(&self) -> impl Iterator<Item = &Bot> {
+        self.bots.values()
+    }
+
+    /// Number of tracked bots.
+    pub fn bot_count(&self) -> usize {
+        self.bots.len()
+    }
+
+    /// The LLM series.
+    pub fn llm_series(&self) -> impl Iterator<Item = (&LlmKey, &LlmSeries)> {
+        self.llm.iter()
+    }
+
+    /// The latency histograms.
+    pub fn latencies(&self) -> impl Iterator<Item = (&(String, String), &Latency)> {
+        self.latency.iter()
+    }
+
+    /// The price table in force.
+    pub fn pricing(&self) -> &PriceTable {
+        &self.pricing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_line;
+
+    fn state() -> State {
+        State::new(
+            StateConfig { stale_after: 90.0, expiry: 3600.0, max_bots: 3, max_llm_series: 2 },
+            PriceTable::legacy(),
+            OverflowCounters {
+                channel: IntCounter::new("c", "c").unwrap(),
+                llm_series: IntCounter::new("l", "l").unwrap(),
+            },
+        )
+    }
+
+    fn send(s: &mut State, line: &str, now: f64) -> Vec<Row> {
+        let mut out = Vec::new();
+        s.apply(parse_line(line.as_bytes()).unwrap(), now, &mut out).unwrap();
+        out
+    }
+
+    fn events(rows: &[Row]) -> Vec<&'static str> {
+        rows.iter().filter_map(|r| if let Row::BotEvent { event, .. } = r { Some(*event) } else { None }).collect()
+    }
+
+    #[test]
+    fn lifecycle() {
+        let mut s = state();
+        let rows = send(&mut s, r#"{"type":"register","channel":"a","pid":1,"features":{"llm":true}}"#, 0.0);
+        assert_eq!(events(&rows), ["register"]);
+        assert!(send(&mut s, r#"{"type":"heartbeat","channel":"a","pid":1}"#, 30.0).is_empty());
+        let mut out = Vec::new();
+        s.tick(31.0, &mut out);
+        assert!(matches!(out.as_slice(), [Row::BotStatus { status: "online", .. }]), "coalesced heartbeat written");
+        out.clear();
+        s.tick(121.0, &mut out);
+        assert_eq!(events(&out), ["stale"]);
+        assert_eq!(s.bots().next().unwrap().status, Status::Stale);
+        let rows = send(&mut s, r#"{"type":"heartbeat","channel":"a","pid":1}"#, 130.0);
+        assert_eq!(events(&rows), ["recovered"]);
+        let rows = send(&mut s, r#"{"type":"heartbeat","channel":"a","pid":2}"#, 140.0);
+        assert_eq!(events(&rows), ["restart"]);
+        assert_eq!(s.bots().next().unwrap().restarts, 1);
+        let mut out = Vec::new();
+        let err = s.apply(parse_line(br#"{"type":"unregister","channel":"a","pid":1}"#).unwrap(), 150.0, &mut out);
+        assert_eq!(err.unwrap_err().reason, Reason::PidMismatch);
+        let rows = send(&mut s, r#"{"type":"unregister","channel":"a","pid":2}"#, 150.0);
+        assert_eq!(events(&rows), ["unregister"]);
+        let mut out = Vec::new();
+        s.tick(150.0 + 3600.5, &mut out);
+        assert_eq!(s.bot_count(), 0, "offline bot expired");
+    }
+
+    #[test]
+    fn implicit_registration_and_limits() {
+        let mut s = state();
+        let rows = send(&mut s, r#"{"type":"heartbeat","channel":"x","pid":9}"#, 0.0);
+        assert_eq!(events(&rows), ["register"]);
+        send(&mut s, r#"{"type":"heartbeat","channel":"y","pid":9}"#, 0.0);
+        send(&mut s, r#"{"type":"heartbeat","channel":"z","pid":9}"#, 0.0);
+        let mut out = Vec::new();
+        let err = s.apply(parse_line(br#"{"type":"heartbeat","channel":"w","pid":9}"#).unwrap(), 0.0, &mut out);
+        assert_eq!(err.unwrap_err().reason, Reason::TooManyBots);
+        assert_eq!(s.overflow.channel.get(), 1);
+        for m in ["m1", "m2", "m3", "m4"] {
+            let line = format!(
+                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1}}"#
+            );
+            send(&mut s, &line, 0.0);
+        }
+        assert_eq!(s.llm_series().count(), 3, "two real series and one overflow series");
+        assert_eq!(s.overflow.llm_series.get(), 2);
+    }
+}

@@ -1,0 +1,571 @@
+//! The only code that touches SQLite. It runs on one dedicated thread.
+//!
+//! Ingest hands rows to [`Sink::send`], which never blocks: it puts the row
+//! on a bounded queue or, when the queue is full, counts it as dropped. The
+//! writer thread takes whatever is queued, up to a batch, and commits it in
+//! one transaction. When every [`Sink`] is dropped the queue disconnects,
+//! the writer drains what is left, closes the database and the thread ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
+use prometheus::{IntCounter, IntGauge};
+use rusqlite::{params, Connection};
+use tracing::{debug, error, info, warn};
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// The schema version this build writes into `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long SQLite waits for a lock held by another process (e.g. the bots'
+/// own usage logger) before a write fails and is retried by the writer.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A row for the database. Times are Unix seconds; they are formatted as
+/// ISO-8601 strings on the writer thread, off the hot path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// Upsert of a bot's current state into `bot_status`.
+    BotStatus {
+        /// The channel (primary key).
+        channel: String,
+        /// The current pid.
+        pid: u32,
+        /// `online`, `stale`, `offline` or `dead`.
+        status: &'static str,
+        /// The features as a JSON object.
+        features_json: String,
+        /// When the current process registered.
+        registered_at: f64,
+        /// The last heartbeat or message.
+        last_seen: f64,
+    },
+    /// One lifecycle event for `bot_events`.
+    BotEvent {
+        /// When it happened.
+        ts: f64,
+        /// The channel.
+        channel: String,
+        /// The pid the event is about.
+        pid: u32,
+        /// `register`, `unregister`, `restart`, `stale`, `recovered`, `dead`, `expired`.
+        event: &'static str,
+        /// Optional free text, e.g. the previous pid of a restart.
+        detail: Option<String>,
+    },
+    /// One LLM call for `llm_usage`.
+    LlmUsage {
+        /// When the exporter received it.
+        ts: f64,
+        /// The channel.
+        channel: String,
+        /// The model name as sent.
+        model: String,
+        /// The feature that made the call.
+        feature: String,
+        /// Prompt tokens.
+        tokens_in: u64,
+        /// Completion tokens.
+        tokens_out: u64,
+        /// Latency in milliseconds, if measured.
+        latency_ms: Option<f64>,
+        /// Cost in USD, if known.
+        cost_usd: Option<f64>,
+        /// `reported`, `table` or `unpriced`.
+        cost_source: &'static str,
+        /// The sender's pid, if given.
+        pid: Option<u32>,
+    },
+}
+
+/// A bot read back from `bot_status` at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoredBot {
+    /// The channel.
+    pub channel: String,
+    /// The last known pid.
+    pub pid: u32,
+    /// The stored status string.
+    pub status: String,
+    /// Features parsed from `features_json` (empty if unparsable).
+    pub features: Vec<(String, bool)>,
+    /// Registration time, Unix seconds.
+    pub registered_at: f64,
+    /// Last seen, Unix seconds.
+    pub last_seen: f64,
+}
+
+/// Liveness of the writer thread, for `/health`.
+#[derive(Debug, Default)]
+pub struct WriterStatus {
+    /// The writer opened the database and runs its loop.
+    pub running: AtomicBool,
+    /// Unix seconds of the writer's last loop iteration (it wakes at least
+    /// once a second even when idle, so an old value means it is stuck).
+    pub last_loop: AtomicU64,
+}
+
+/// The sending side of the writer queue. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Sink {
+    tx: SyncSender<Row>,
+    depth: IntGauge,
+    dropped_full: IntCounter,
+    dropped_closed: IntCounter,
+}
+
+impl Sink {
+    /// Queues a row for the writer, or counts it dropped if the queue is full.
+    /// Returns whether the row was queued.
+    pub fn send(&self, row: Row) -> bool {
+        // Count before sending so the writer's decrement can never make the
+        // gauge negative.
+        self.depth.inc();
+        match self.tx.try_send(row) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.depth.dec();
+                self.dropped_full.inc();
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.depth.dec();
+                self.dropped_closed.inc();
+                false
+            }
+        }
+    }
+}
+
+/// Settings of the writer thread.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The database file.
+    pub path: PathBuf,
+    /// Queue capacity in rows.
+    pub queue_capacity: usize,
+    /// Most rows per transaction.
+    pub batch_size: usize,
+}
+
+/// A running writer thread.
+pub struct Writer {
+    thread: JoinHandle<()>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Tells the writer that no more rows will come once the queue
+    /// disconnects, so it gives up retrying a failing database after a
+    /// bounded number of attempts instead of forever.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the thread to drain the queue and close the database. Call
+    /// after every [`Sink`] is dropped.
+    pub fn join(self) -> Result<()> {
+        self.begin_shutdown();
+        self.thread.join().map_err(|_| Error::WriterGone)
+    }
+}
+
+/// Starts the writer thread: opens and migrates the database, reads back the
+/// known bots, then serves the queue. Blocks until the database is open, so
+/// call it from a blocking context (it is the only place SQLite is opened).
+pub fn start(
+    config: StoreConfig,
+    metrics: &Metrics,
+    status: Arc<WriterStatus>,
+) -> Result<(Sink, Vec<RestoredBot>, Writer)> {
+    let (tx, rx) = mpsc::sync_channel::<Row>(config.queue_capacity.max(1));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<RestoredBot>>>();
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let worker = WriterLoop {
+        rx,
+        batch_size: config.batch_size.max(1),
+        depth: metrics.queue_depth.clone(),
+        rows_written: metrics.db_rows_written.clone(),
+        write_errors: metrics.db_write_errors.clone(),
+        db_up: metrics.db_up.clone(),
+        dropped_db: metrics.events_dropped.with_label_values(&["db_error"]),
+        status,
+        shutting_down: shutting_down.clone(),
+    };
+    let path = config.path.clone();
+    let thread = std::thread::Builder::new().name("kissbot-writer".into()).spawn(move || {
+        let conn = match open(&path).and_then(|c| load_bots(&c).map(|b| (c, b))) {
+            Ok((conn, bots)) => {
+                let _ = ready_tx.send(Ok(bots));
+                conn
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        worker.run(conn);
+    })?;
+    let bots = ready_rx.recv().map_err(|_| Error::WriterGone)??;
+    let sink = Sink {
+        tx,
+        depth: metrics.queue_depth.clone(),
+        dropped_full: metrics.events_dropped.with_label_values(&["queue_full"]),
+        dropped_closed: metrics.events_dropped.with_label_values(&["writer_stopped"]),
+    };
+    Ok((sink, bots, Writer { thread, shutting_down }))
+}
+
+/// Opens (creating if needed) and migrates a database file.
+pub fn open(path: &Path) -> Result<Connection> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let conn = Connection::open(path).map_err(wrap)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// The columns every table must have after migration: name and the type
+/// used when the column has to be added to an older file.
+const COLUMNS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "bot_status",
+        &[
+            ("pid", "INTEGER NOT NULL DEFAULT 0"),
+            ("status", "TEXT NOT NULL DEFAULT 'offline'"),
+            ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
+            ("registered_at", "TEXT NOT NULL DEFAULT ''"),
+            ("last_seen", "TEXT NOT NULL DEFAULT ''"),
+        ],
+    ),
+    (
+        "bot_metrics",
+        &[
+            ("pid", "INTEGER NOT NULL DEFAULT 0"),
+            ("rss_mb", "REAL NOT NULL DEFAULT 0"),
+            ("cpu_pct", "REAL NOT NULL DEFAULT 0"),
+            ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
+        ],
+    ),
+    ("llm_usage", &[("latency_ms", "REAL"), ("cost_usd", "REAL"), ("cost_source", "TEXT"), ("pid", "INTEGER")]),
+];
+
+const CREATE: &str = "
+CREATE TABLE IF NOT EXISTS bot_status(
+    channel TEXT PRIMARY KEY, pid INTEGER NOT NULL, status TEXT NOT NULL,
+    features_json TEXT NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bot_metrics(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    pid INTEGER NOT NULL, rss_mb REAL NOT NULL, cpu_pct REAL NOT NULL, features_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_usage(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER);
+CREATE TABLE IF NOT EXISTS bot_events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    pid INTEGER, event TEXT NOT NULL, detail TEXT);
+";
+
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS idx_bot_metrics_channel_ts ON bot_metrics(channel, ts);
+CREATE INDEX IF NOT EXISTS idx_llm_usage_channel_ts ON llm_usage(channel, ts);
+CREATE INDEX IF NOT EXISTS idx_llm_usage_model ON llm_usage(model);
+CREATE INDEX IF NOT EXISTS idx_llm_usage_ts ON llm_usage(ts);
+CREATE INDEX IF NOT EXISTS idx_bot_events_channel_ts ON bot_events(channel, ts);
+";
+
+/// Brings any legacy shape up to [`SCHEMA_VERSION`] in one transaction:
+/// creates missing tables, adds missing columns, never drops anything.
+fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(wrap)?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::DbTooNew { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    // IMMEDIATE takes the write lock up front, so a concurrent writer (the
+    // bots' usage logger) cannot interleave with the schema change.
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(wrap)?;
+    let result = (|| -> rusqlite::Result<Vec<String>> {
+        conn.execute_batch(CREATE)?;
+        let mut added = Vec::new();
+        for (table, columns) in COLUMNS {
+            let existing = column_names(conn, table)?;
+            for (column, decl) in *columns {
+                if !existing.iter().any(|c| c.eq_ignore_ascii_case(column)) {
+                    conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+                    added.push(format!("{table}.{column}"));
+                }
+            }
+        }
+        conn.execute_batch(INDEXES)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(added)
+    })();
+    match result {
+        Ok(added) => {
+            conn.execute_batch("COMMIT").map_err(wrap)?;
+            if version < SCHEMA_VERSION {
+                info!(path = %path.display(), from = version, to = SCHEMA_VERSION, added = ?added, "database migrated");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(wrap(e))
+        }
+    }
+}
+
+fn column_names(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(names)
+}
+
+/// Reads every bot from `bot_status`, skipping rows that cannot be understood.
+pub fn load_bots(conn: &Connection) -> Result<Vec<RestoredBot>> {
+    let mut stmt = conn.prepare(
+        "SELECT channel, CAST(pid AS INTEGER), status, features_json, registered_at, last_seen FROM bot_status",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?,
+            r.get::<_, Option<i64>>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, Option<String>>(4)?,
+            r.get::<_, Option<String>>(5)?,
+        ))
+    })?;
+    let mut bots = Vec::new();
+    for row in rows {
+        let (channel, pid, status, features, registered_at, last_seen) = row?;
+        let (Some(channel), Some(pid)) = (channel, pid) else { continue };
+        let Ok(pid) = u32::try_from(pid) else { continue };
+        let last_seen = last_seen.as_deref().and_then(parse_time);
+        let Some(last_seen) = last_seen else {
+            warn!(channel = %channel, reason = "unparsable_last_seen", "skipping bot_status row");
+            continue;
+        };
+        let registered_at = registered_at.as_deref().and_then(parse_time).unwrap_or(last_seen);
+        let features = features
+            .as_deref()
+            .and_then(|f| serde_json::from_str::<std::collections::BTreeMap<String, serde_json::Value>>(f).ok())
+            .map(|m| m.into_iter().filter_map(|(k, v)| v.as_bool().map(|b| (k, b))).collect())
+            .unwrap_or_default();
+        bots.push(RestoredBot {
+            channel,
+            pid,
+            status: status.unwrap_or_else(|| "offline".into()),
+            features,
+            registered_at,
+            last_seen,
+        });
+    }
+    Ok(bots)
+}
+
+/// Formats Unix seconds the way the legacy monitor stored times
+/// (`datetime.isoformat()` of an aware UTC time).
+pub fn format_time(ts: f64) -> String {
+    let micros = (ts * 1e6).round() as i64;
+    match Utc.timestamp_micros(micros).single() {
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, false),
+        None => String::from("1970-01-01T00:00:00.000000+00:00"),
+    }
+}
+
+/// Parses the time formats found in legacy files: RFC 3339 with an offset,
+/// or a naive ISO-8601 time (taken as UTC), with `T` or a space.
+pub fn parse_time(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros() as f64 / 1e6);
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp_micros() as f64 / 1e6);
+        }
+    }
+    if let Ok(t) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z") {
+        return Some(t.timestamp_micros() as f64 / 1e6);
+    }
+    None
+}
+
+struct WriterLoop {
+    rx: Receiver<Row>,
+    batch_size: usize,
+    depth: IntGauge,
+    rows_written: IntCounter,
+    write_errors: IntCounter,
+    db_up: IntGauge,
+    dropped_db: IntCounter,
+    status: Arc<WriterStatus>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+/// While the queue is disconnected (shutting down) a failing database is
+/// retried this many times before the remaining rows are counted as dropped.
+const SHUTDOWN_RETRIES: u32 = 5;
+
+impl WriterLoop {
+    fn run(self, mut conn: Connection) {
+        self.status.running.store(true, Ordering::SeqCst);
+        self.db_up.set(1);
+        let mut batch = Vec::with_capacity(self.batch_size);
+        loop {
+            self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
+            match self.rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(row) => batch.push(row),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(row) => batch.push(row),
+                    Err(_) => break,
+                }
+            }
+            self.depth.sub(batch.len() as i64);
+            self.commit_with_retry(&mut conn, &mut batch);
+        }
+        self.status.running.store(false, Ordering::SeqCst);
+        // A clean close checkpoints the WAL into the main file.
+        if let Err((_, e)) = conn.close() {
+            warn!(error = %e, "closing the database failed");
+        }
+        debug!("writer stopped");
+    }
+
+    /// Commits a batch, retrying with backoff while the database fails. Rows
+    /// keep arriving in the bounded queue meanwhile; when it fills, ingest
+    /// counts the drops, so nothing is lost silently and nothing blocks.
+    fn commit_with_retry(&self, conn: &mut Connection, batch: &mut Vec<Row>) {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            match write_batch(conn, batch) {
+                Ok(()) => {
+                    self.rows_written.inc_by(batch.len() as u64);
+                    if self.db_up.get() == 0 {
+                        info!(rows = batch.len(), "database writes recovered");
+                    }
+                    self.db_up.set(1);
+                    batch.clear();
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    self.write_errors.inc();
+                    if self.db_up.get() == 1 {
+                        error!(error = %e, rows = batch.len(), "database write failed; retrying with backoff");
+                    }
+                    self.db_up.set(0);
+                    if self.shutting_down.load(Ordering::SeqCst) && attempt >= SHUTDOWN_RETRIES {
+                        error!(rows = batch.len(), "giving up on the database during shutdown; rows dropped");
+                        self.dropped_db.inc_by(batch.len() as u64);
+                        batch.clear();
+                        return;
+                    }
+                    self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        for row in batch {
+            match row {
+                Row::BotStatus { channel, pid, status, features_json, registered_at, last_seen } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_status(channel, pid, status, features_json, registered_at, last_seen)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(channel) DO UPDATE SET pid = excluded.pid, status = excluded.status,
+                           features_json = excluded.features_json, registered_at = excluded.registered_at,
+                           last_seen = excluded.last_seen",
+                    )?
+                    .execute(params![
+                        channel,
+                        pid,
+                        status,
+                        features_json,
+                        format_time(*registered_at),
+                        format_time(*last_seen)
+                    ])?;
+                }
+                Row::BotEvent { ts, channel, pid, event, detail } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_events(ts, channel, pid, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![format_time(*ts), channel, pid, event, detail])?;
+                }
+                Row::LlmUsage {
+                    ts,
+                    channel,
+                    model,
+                    feature,
+                    tokens_in,
+                    tokens_out,
+                    latency_ms,
+                    cost_usd,
+                    cost_source,
+                    pid,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
+                           cost_usd, cost_source, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )?
+                    .execute(params![
+                        format_time(*ts),
+                        channel,
+                        model,
+                        feature,
+                        *tokens_in as i64,
+                        *tokens_out as i64,
+                        latency_ms,
+                        cost_usd,
+                        cost_source,
+                        pid
+                    ])?;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// The current time as Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_round_trip() {
+        let t = 1_764_000_000.123456;
+        let s = format_time(t);
+        assert_eq!(s, "2025-11-24T16:00:00.123456+00:00");
+        assert!((parse_time(&s).unwrap() - t).abs() < 1e-6);
+        assert!((parse_time("2025-11-24T16:00:00.123456").unwrap() - t).abs() < 1e-6);
+        assert!((parse_time("2025-11-24 16:00:00").unwrap() - 1_764_000_000.0).abs() < 1e-6);
+        assert!(parse_time("yesterday").is_none());
+    }
+}
