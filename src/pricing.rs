@@ -89,7 +89,12 @@ impl PriceTable {
             return (Some(c), CostSource::Reported);
         }
         match self.lookup(model) {
-            Some(p) => (Some(tokens_in as f64 / 1e6 * p.input + tokens_out as f64 / 1e6 * p.output), CostSource::Table),
+            Some(p) => (
+                // Dividing once, at the end, keeps results such as 145 x $30 + 87 x $60
+                // exactly representable as the decimal people expect.
+                Some((tokens_in as f64 * p.input + tokens_out as f64 * p.output) / 1e6),
+                CostSource::Table,
+            ),
             None => (None, CostSource::Unpriced),
         }
     }

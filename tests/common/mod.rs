@@ -1,0 +1,255 @@
+//! Test harness: runs the real `kissbot-exporter` binary on a temp dir with
+//! a real Unix socket, a real SQLite file and a real HTTP port.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The stock Python client's exact lines.
+pub const REGISTER: &str =
+    r#"{"type": "register", "channel": "el_serda", "pid": 12345, "features": {"llm": true, "translator": false}}"#;
+pub const HEARTBEAT: &str = r#"{"type": "heartbeat", "channel": "el_serda", "pid": 12345}"#;
+pub const LLM_USAGE: &str = r#"{"type": "llm_usage", "channel": "el_serda", "model": "gpt-4", "feature": "jokes", "tokens_in": 145, "tokens_out": 87, "latency_ms": 1850}"#;
+pub const UNREGISTER: &str = r#"{"type": "unregister", "channel": "el_serda", "pid": 12345}"#;
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A running exporter process.
+pub struct Exporter {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub db: PathBuf,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_kissbot-exporter")
+}
+
+/// Spawns the binary with the test paths plus `extra` flags, and returns the
+/// child with a shared buffer collecting its stderr.
+pub fn spawn(dir: &Path, extra: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--socket.path")
+        .arg(dir.join("monitor.sock"))
+        .arg("--db.path")
+        .arg(dir.join("monitor.db"))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .arg("--log.level=info")
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn exporter");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
+}
+
+impl Exporter {
+    /// Starts an exporter in a fresh temp dir.
+    pub fn start(extra: &[&str]) -> Exporter {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        let mut e = Exporter::start_in(&dir, extra);
+        e._tmp = Some(tmp);
+        e
+    }
+
+    /// Starts an exporter on an existing dir (to reuse its database).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Exporter {
+        let (child, log) = spawn(dir, extra);
+        let mut addr = None;
+        wait_until("the http listening log line", Duration::from_secs(20), || {
+            addr = log.lock().unwrap().iter().find_map(|l| {
+                l.contains("http server listening")
+                    .then(|| l.split("address=").nth(1)?.split_whitespace().next()?.parse().ok())
+                    .flatten()
+            });
+            addr.is_some()
+        });
+        let socket = dir.join("monitor.sock");
+        wait_until("the socket file", Duration::from_secs(10), || socket.exists());
+        Exporter {
+            child,
+            dir: dir.to_owned(),
+            socket,
+            db: dir.join("monitor.db"),
+            addr: addr.unwrap(),
+            log,
+            _tmp: None,
+        }
+    }
+
+    /// Sends one line the way the stock client does: connect, write, close.
+    pub fn send(&self, line: &str) {
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+    }
+
+    /// Sends raw bytes on one connection and closes it.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        s.write_all(bytes).unwrap();
+    }
+
+    /// A plain HTTP/1.1 GET; returns status, lower-cased headers and body.
+    pub fn get(&self, path: &str) -> (u16, HashMap<String, String>, Vec<u8>) {
+        self.request("GET", path, &[])
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, HashMap<String, String>, Vec<u8>) {
+        http_request(self.addr, method, path, headers)
+    }
+
+    pub fn scrape(&self) -> String {
+        let (status, _, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        String::from_utf8(body).expect("utf-8 metrics")
+    }
+
+    /// The value of one series, given as it appears in the exposition,
+    /// e.g. `kissbot_bot_up{channel="a"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.scrape(), series)
+    }
+
+    /// Waits until `series` has exactly `value`.
+    pub fn wait_metric(&self, series: &str, value: f64) {
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            last = self.metric(series);
+            if last == Some(value) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{series} never became {value}; last value {last:?}\n{}", self.scrape());
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.db).expect("open db");
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then wait (at most 15 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "exporter did not exit within 15 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("Content-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("http header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<HashMap<_, _>>();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[nl + 2 + size + 2..];
+    }
+}
+
+/// Finds a series in an exposition and parses its value.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        let v = rest.strip_prefix(' ')?;
+        v.trim().parse().ok()
+    })
+}
