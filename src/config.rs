@@ -61,6 +61,27 @@ pub struct Config {
     #[arg(long = "bot.expiry", env = "KISSBOT_EXPORTER_BOT_EXPIRY", default_value = "1h", value_parser = parse_duration)]
     pub bot_expiry: Duration,
 
+    /// Delete `bot_metrics`, `llm_usage` and `bot_events` rows older than this; `0` keeps everything.
+    #[arg(long = "db.retention", env = "KISSBOT_EXPORTER_DB_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub db_retention: Duration,
+
+    /// How often the bots' processes are sampled for CPU and memory.
+    #[arg(long = "sampler.interval", env = "KISSBOT_EXPORTER_SAMPLER_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub sampler_interval: Duration,
+
+    /// Test hook: an artificial delay added to every sampler pass, to prove a
+    /// slow sampler cannot stall ingest or scrapes.
+    #[arg(long = "sampler.test-delay", env = "KISSBOT_EXPORTER_SAMPLER_TEST_DELAY", default_value = "0", value_parser = parse_duration, hide = true)]
+    pub sampler_test_delay: Duration,
+
+    /// Most bots tracked at once; new channels beyond it are rejected and counted.
+    #[arg(long = "limits.max-bots", env = "KISSBOT_EXPORTER_LIMITS_MAX_BOTS", default_value_t = 10_000)]
+    pub limits_max_bots: usize,
+
+    /// Most (channel, model, feature) LLM series; beyond it calls count under `other`.
+    #[arg(long = "limits.max-llm-series", env = "KISSBOT_EXPORTER_LIMITS_MAX_LLM_SERIES", default_value_t = 10_000)]
+    pub limits_max_llm_series: usize,
+
     /// Capacity of the queue between ingest and the database writer, in rows.
     #[arg(long = "queue.capacity", env = "KISSBOT_EXPORTER_QUEUE_CAPACITY", default_value_t = 65536)]
     pub queue_capacity: usize,

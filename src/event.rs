@@ -77,6 +77,8 @@ pub struct LlmUsage {
     pub pid: Option<u32>,
     /// Cost in USD reported by the sender (`cost_usd` or `estimated_cost`).
     pub reported_cost_usd: Option<f64>,
+    /// True when the model or feature name was cut to [`MAX_LABEL_BYTES`].
+    pub truncated: bool,
 }
 
 impl Event {
@@ -379,6 +381,9 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
             let channel = channel(&raw)?;
             let model = label(raw.model.as_ref(), "model")?;
             let feature = label(raw.feature.as_ref(), "feature")?;
+            let truncated = [&raw.model, &raw.feature]
+                .iter()
+                .any(|v| matches!(v, Some(Scalar::Str(s)) if s.len() > MAX_LABEL_BYTES));
             let tokens_in = tokens(raw.tokens_in.as_ref(), "tokens_in")?;
             let tokens_out = tokens(raw.tokens_out.as_ref(), "tokens_out")?;
             let latency_ms = number(raw.latency_ms.as_ref(), "latency_ms", MAX_LATENCY_MS)?;
@@ -396,6 +401,7 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 latency_ms,
                 pid,
                 reported_cost_usd,
+                truncated,
             }))
         }
         other => Err(Rejection::new(Reason::UnknownType, format!("unknown message type {:?}", truncate(other, 64)))),

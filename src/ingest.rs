@@ -61,7 +61,8 @@ pub struct Ingest {
 impl Ingest {
     /// Parses and applies a batch of complete lines read together, taking
     /// the state lock once for all of them.
-    pub fn handle_lines<'a>(&self, lines: impl Iterator<Item = &'a [u8]>) {
+    /// `peer_pid` is the sending process as the kernel reports it.
+    pub fn handle_lines<'a>(&self, lines: impl Iterator<Item = &'a [u8]>, peer_pid: Option<u32>) {
         let mut events = Vec::new();
         for line in lines {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -83,7 +84,7 @@ impl Ingest {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for event in events {
                 let kind = event.kind();
-                match state.apply(event, now, &mut rows) {
+                match state.apply(event, now, peer_pid, &mut rows) {
                     Ok(()) => self.metrics.messages.with_label_values(&[kind]).inc(),
                     Err(r) => rejections.push(r),
                 }
@@ -303,6 +304,9 @@ fn admit(
 /// shutdown grace period.
 async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken) {
     let max = ingest.config.max_line_bytes;
+    // The kernel's word on who is sending; 0 means the peer lives in a pid
+    // namespace the exporter cannot see.
+    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).map(|p| u32::try_from(p).unwrap_or(0));
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // True while skipping the rest of an over-long line.
     let mut discarding = false;
@@ -337,7 +341,7 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
             // EOF. A last line without a newline is still a line (a truncated
             // one fails to parse and is counted).
             if !discarding && !buf.is_empty() {
-                ingest.handle_lines(std::iter::once(&buf[..]));
+                ingest.handle_lines(std::iter::once(&buf[..]), peer_pid);
             }
             return;
         }
@@ -363,14 +367,17 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
             discarding = false;
         }
         let mut too_long = 0usize;
-        ingest.handle_lines(lines.filter(|l| {
-            if l.len() > max {
-                too_long += 1;
-                false
-            } else {
-                true
-            }
-        }));
+        ingest.handle_lines(
+            lines.filter(|l| {
+                if l.len() > max {
+                    too_long += 1;
+                    false
+                } else {
+                    true
+                }
+            }),
+            peer_pid,
+        );
         for _ in 0..too_long {
             ingest.reject(&Rejection::new(Reason::LineTooLong, format!("line longer than {max} bytes")));
         }

@@ -11,6 +11,7 @@
 //! - [`pricing`]: the LLM price table and cost computation.
 //! - [`metrics`]: the Prometheus registry and the collector over the state; no I/O.
 //! - [`store`]: the only code that touches SQLite, on its own writer thread.
+//! - [`sampler`]: CPU, memory and liveness of the bots' processes, on its own thread.
 //! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
 //! - [`error`]: the crate's error type.
@@ -26,6 +27,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod pricing;
+pub mod sampler;
 pub mod shutdown;
 pub mod state;
 pub mod store;
@@ -65,6 +67,8 @@ pub struct Running {
     state: Arc<Mutex<State>>,
     sink: Sink,
     writer: store::Writer,
+    sampler: std::thread::JoinHandle<()>,
+    sampler_stop: std::sync::mpsc::Sender<()>,
     metrics: Metrics,
 }
 
@@ -95,6 +99,11 @@ impl Running {
         if let Err(e) = self.ticker_task.await {
             warn!(error = %e, "ticker task failed");
         }
+        // The sampler holds no queue sender, so a pass stuck in /proc cannot
+        // hold up the drain: signal it and wait briefly, never forever.
+        let _ = self.sampler_stop.send(());
+        let sampler = self.sampler;
+        let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || sampler.join())).await;
         // Heartbeats coalesced since the last tick would otherwise be lost.
         let mut rows = Vec::new();
         self.state.lock().unwrap_or_else(|e| e.into_inner()).flush(store::unix_now(), &mut rows);
@@ -129,6 +138,7 @@ pub async fn start(config: Config) -> Result<Running> {
         path: config.db_path.clone(),
         queue_capacity: config.queue_capacity,
         batch_size: config.db_batch_size,
+        retention: (!config.db_retention.is_zero()).then_some(config.db_retention),
     };
     let (m, ws) = (metrics.clone(), writer_status.clone());
     let (sink, restored, writer) = tokio::task::spawn_blocking(move || store::start(store_config, &m, ws))
@@ -139,13 +149,14 @@ pub async fn start(config: Config) -> Result<Running> {
         StateConfig {
             stale_after: config.heartbeat_stale_after.as_secs_f64(),
             expiry: config.bot_expiry.as_secs_f64(),
-            max_bots: 10_000,
-            max_llm_series: 10_000,
+            max_bots: config.limits_max_bots,
+            max_llm_series: config.limits_max_llm_series,
         },
         PriceTable::legacy(),
         OverflowCounters {
             channel: metrics.label_overflow.with_label_values(&["channel"]),
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
+            length: metrics.label_overflow.with_label_values(&["length"]),
         },
     );
     let known = restored.len();
@@ -169,6 +180,16 @@ pub async fn start(config: Config) -> Result<Running> {
     });
     let ingest_task = tokio::spawn(ingest::serve(listener, guard, ingest, token.clone(), listening.clone()));
     let ticker_task = tokio::spawn(ticker(state.clone(), sink.clone(), token.clone()));
+    let (sampler_stop, stop_rx) = std::sync::mpsc::channel();
+    let sampler = sampler::spawn(
+        state.clone(),
+        sampler::SamplerConfig { interval: config.sampler_interval, test_delay: config.sampler_test_delay },
+        sampler::SamplerMetrics {
+            duration: metrics.sampler_duration.clone(),
+            last_success: metrics.sampler_last_success.clone(),
+        },
+        stop_rx,
+    )?;
     let app = Arc::new(http::App {
         metrics: metrics.clone(),
         state: state.clone(),
@@ -189,6 +210,8 @@ pub async fn start(config: Config) -> Result<Running> {
         state,
         sink,
         writer,
+        sampler,
+        sampler_stop,
         metrics,
     })
 }

@@ -12,6 +12,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use prometheus::Gauge as GaugeMetric;
+
 use crate::event::Reason;
 use crate::state::{State, Status, LATENCY_BUCKETS};
 use crate::store::unix_now;
@@ -45,6 +47,10 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
     pub label_overflow: IntCounterVec,
+    /// Duration of the last sampler pass.
+    pub sampler_duration: GaugeMetric,
+    /// Unix time of the last completed sampler pass.
+    pub sampler_last_success: GaugeMetric,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -113,6 +119,14 @@ impl Metrics {
                 opts("kissbot_exporter_label_overflow_total", "Events whose labels hit a cardinality limit, by label."),
                 &["label"],
             )?,
+            sampler_duration: GaugeMetric::with_opts(opts(
+                "kissbot_exporter_sampler_duration_seconds",
+                "Duration of the last process sampler pass.",
+            ))?,
+            sampler_last_success: GaugeMetric::with_opts(opts(
+                "kissbot_exporter_sampler_last_success_timestamp_seconds",
+                "Unix time of the last completed process sampler pass.",
+            ))?,
             registry,
         };
         // Pre-create the closed label sets so every series exists from the
@@ -126,7 +140,7 @@ impl Metrics {
         for r in ["queue_full", "writer_stopped", "db_error"] {
             m.events_dropped.with_label_values(&[r]);
         }
-        for l in ["channel", "llm_series"] {
+        for l in ["channel", "llm_series", "length"] {
             m.label_overflow.with_label_values(&[l]);
         }
         m.connections_rejected.with_label_values(&["limit"]);
@@ -144,6 +158,8 @@ impl Metrics {
         r.register(Box::new(m.db_write_errors.clone()))?;
         r.register(Box::new(m.db_up.clone()))?;
         r.register(Box::new(m.label_overflow.clone()))?;
+        r.register(Box::new(m.sampler_duration.clone()))?;
+        r.register(Box::new(m.sampler_last_success.clone()))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
@@ -227,6 +243,26 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         &["channel", "model"],
     ),
     ("kissbot_exporter_bots", "Bots tracked by the exporter.", MetricType::GAUGE, &[]),
+    (
+        "kissbot_bot_process_alive",
+        "1 if the bot's process runs, 0 if it is gone; absent when its pid is not visible.",
+        MetricType::GAUGE,
+        &["channel"],
+    ),
+    (
+        "kissbot_bot_cpu_seconds_total",
+        "CPU time used by the bot's processes while tracked.",
+        MetricType::COUNTER,
+        &["channel"],
+    ),
+    ("kissbot_bot_resident_memory_bytes", "Resident memory of the bot's process.", MetricType::GAUGE, &["channel"]),
+    ("kissbot_bot_virtual_memory_bytes", "Virtual memory of the bot's process.", MetricType::GAUGE, &["channel"]),
+    (
+        "kissbot_bot_process_start_time_seconds",
+        "Start time of the bot's process, Unix seconds.",
+        MetricType::GAUGE,
+        &["channel"],
+    ),
 ];
 
 struct StateCollector {
@@ -307,6 +343,15 @@ impl Collector for StateCollector {
                 fams[7].push(gauge(&[("channel", ch), ("pid", &bot.pid.to_string())], 1.0));
                 for (f, on) in &bot.features {
                     fams[8].push(gauge(&[("channel", ch), ("feature", f)], f64::from(u8::from(*on))));
+                }
+                if let Some(p) = bot.process {
+                    fams[16].push(gauge(&c, f64::from(u8::from(p.alive))));
+                    fams[17].push(counter(&c, State::cpu_seconds_total(bot)));
+                    if p.start_time > 0 {
+                        fams[18].push(gauge(&c, p.rss_bytes as f64));
+                        fams[19].push(gauge(&c, p.vms_bytes as f64));
+                        fams[20].push(gauge(&c, p.start_time as f64));
+                    }
                 }
             }
             let mut unpriced: std::collections::HashMap<&str, u64> = Default::default();

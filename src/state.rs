@@ -64,6 +64,77 @@ impl Status {
     }
 }
 
+/// Whether a bot's pid names a process the exporter can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Not yet known (e.g. restored from the database, no message since).
+    Unknown,
+    /// The socket peer that sent the pid is that very process: it lives in
+    /// the exporter's pid namespace and can be sampled.
+    Local,
+    /// The sender is another process or lives in another pid namespace (a
+    /// container): the pid means nothing here, so it is never sampled and
+    /// liveness rests on heartbeats alone.
+    Foreign,
+}
+
+impl Visibility {
+    /// Classifies a message's pid by the peer credentials of its connection.
+    pub fn from_peer(peer_pid: u32, pid: u32) -> Visibility {
+        if peer_pid == pid {
+            Visibility::Local
+        } else {
+            Visibility::Foreign
+        }
+    }
+}
+
+/// The last sample of a bot's process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessInfo {
+    /// False once the process is gone, a zombie, or its pid was reused.
+    pub alive: bool,
+    /// CPU seconds (user + system) of the current process.
+    pub cpu_seconds: f64,
+    /// Resident memory in bytes.
+    pub rss_bytes: u64,
+    /// Virtual memory in bytes.
+    pub vms_bytes: u64,
+    /// Process start time, Unix seconds; identifies the process across pid reuse.
+    pub start_time: u64,
+}
+
+/// What the sampler found for one pid.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleResult {
+    /// The process runs.
+    Alive {
+        /// CPU seconds used so far.
+        cpu_seconds: f64,
+        /// CPU percent since the previous sample (as the legacy monitor stored it).
+        cpu_pct: f64,
+        /// Resident memory in bytes.
+        rss_bytes: u64,
+        /// Virtual memory in bytes.
+        vms_bytes: u64,
+        /// Start time, Unix seconds.
+        start_time: u64,
+    },
+    /// The process is gone or a zombie; the text says which.
+    Gone(&'static str),
+}
+
+/// One sampled bot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The channel.
+    pub channel: String,
+    /// The pid that was sampled.
+    pub pid: u32,
+    /// What was found.
+    pub result: SampleResult,
+}
+
 /// One tracked bot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bot {
@@ -85,6 +156,13 @@ pub struct Bot {
     pub heartbeats: u64,
     /// Restarts (new pid for the same channel) seen by the exporter.
     pub restarts: u64,
+    /// Whether the pid can be sampled.
+    pub visibility: Visibility,
+    /// The last process sample, once sampled.
+    pub process: Option<ProcessInfo>,
+    /// CPU seconds of this bot's earlier processes, so that its CPU counter
+    /// never goes backwards across restarts while the bot is tracked.
+    cpu_base: f64,
     /// When `bot_status` was last written for this bot.
     persisted_at: f64,
     /// Whether `bot_status` is behind the in-memory state.
@@ -151,6 +229,8 @@ pub struct OverflowCounters {
     pub channel: IntCounter,
     /// LLM calls folded into the `other` series.
     pub llm_series: IntCounter,
+    /// Model or feature names cut to the label length limit.
+    pub length: IntCounter,
 }
 
 /// The registry of bots and LLM tallies.
@@ -162,6 +242,8 @@ pub struct State {
     bots: HashMap<String, Bot>,
     llm: HashMap<LlmKey, LlmSeries>,
     latency: HashMap<(String, String), Latency>,
+    /// Rows produced off the ingest path (by the sampler), sent at the next tick.
+    pending: Vec<Row>,
 }
 
 fn features_json(features: &[(String, bool)]) -> String {
@@ -199,7 +281,15 @@ impl Bot {
 impl State {
     /// An empty registry.
     pub fn new(config: StateConfig, pricing: PriceTable, overflow: OverflowCounters) -> State {
-        State { config, pricing, overflow, bots: HashMap::new(), llm: HashMap::new(), latency: HashMap::new() }
+        State {
+            config,
+            pricing,
+            overflow,
+            bots: HashMap::new(),
+            llm: HashMap::new(),
+            latency: HashMap::new(),
+            pending: Vec::new(),
+        }
     }
 
     /// Re-creates bots read back from the database at start-up, so their
@@ -225,6 +315,9 @@ impl State {
                     status_since: b.last_seen,
                     heartbeats: 0,
                     restarts: 0,
+                    visibility: Visibility::Unknown,
+                    process: None,
+                    cpu_base: 0.0,
                     persisted_at: now,
                     dirty: false,
                 },
@@ -235,10 +328,34 @@ impl State {
     }
 
     /// Applies one event. Database rows it implies are appended to `out`.
-    pub fn apply(&mut self, event: Event, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+    /// `peer_pid` is the pid of the process on the other end of the socket,
+    /// when the kernel tells it; it decides whether the bot can be sampled.
+    pub fn apply(
+        &mut self,
+        event: Event,
+        now: f64,
+        peer_pid: Option<u32>,
+        out: &mut Vec<Row>,
+    ) -> Result<(), Rejection> {
         match event {
-            Event::Register { channel, pid, features } => self.register(channel, pid, Some(features), now, out),
-            Event::Heartbeat { channel, pid } => self.heartbeat(channel, pid, now, out),
+            Event::Register { channel, pid, features } => {
+                let ch = channel.clone();
+                self.register(channel, pid, Some(features), now, out)?;
+                if let (Some(peer), Some(bot)) = (peer_pid, self.bots.get_mut(&ch)) {
+                    bot.visibility = Visibility::from_peer(peer, pid);
+                }
+                Ok(())
+            }
+            Event::Heartbeat { channel, pid } => {
+                let key = pid;
+                self.heartbeat(&channel, pid, now, out)?;
+                if let (Some(peer), Some(bot)) = (peer_pid, self.bots.get_mut(&channel)) {
+                    if bot.pid == key {
+                        bot.visibility = Visibility::from_peer(peer, key);
+                    }
+                }
+                Ok(())
+            }
             Event::Unregister { channel, pid } => self.unregister(channel, pid, now, out),
             Event::LlmUsage(usage) => {
                 self.llm_usage(usage, now, out);
@@ -271,6 +388,9 @@ impl State {
             status_since: now,
             heartbeats: 0,
             restarts: 0,
+            visibility: Visibility::Unknown,
+            process: None,
+            cpu_base: 0.0,
             persisted_at: now,
             dirty: true,
         };
@@ -293,6 +413,9 @@ impl State {
                 bot.restarts += 1;
                 bot.pid = pid;
                 bot.registered_at = now;
+                bot.cpu_base += bot.process.map_or(0.0, |p| p.cpu_seconds);
+                bot.process = None;
+                bot.visibility = Visibility::Unknown;
                 info!(channel = %bot.channel, pid, previous_pid = old, restarts = bot.restarts, "bot restarted");
                 out.push(bot.event_row(now, "restart", Some(format!("previous pid {old}"))));
             } else if implicit && previous != Status::Online {
@@ -329,10 +452,10 @@ impl State {
         Ok(())
     }
 
-    fn heartbeat(&mut self, channel: String, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+    fn heartbeat(&mut self, channel: &str, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
         // The fast path: a known bot, same pid, already online. Nothing to
         // write now; the ticker persists `last_seen` every few seconds.
-        if let Some(bot) = self.bots.get_mut(&channel) {
+        if let Some(bot) = self.bots.get_mut(channel) {
             if bot.pid == pid && bot.status == Status::Online {
                 bot.heartbeats += 1;
                 bot.last_heartbeat = now;
@@ -340,7 +463,7 @@ impl State {
                 return Ok(());
             }
         }
-        self.register(channel, pid, None, now, out)
+        self.register(channel.to_owned(), pid, None, now, out)
     }
 
     fn unregister(&mut self, channel: String, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
@@ -365,6 +488,9 @@ impl State {
 
     fn llm_usage(&mut self, u: LlmUsage, now: f64, out: &mut Vec<Row>) {
         let (cost, source) = self.pricing.cost(&u.model, u.tokens_in, u.tokens_out, u.reported_cost_usd);
+        if u.truncated {
+            self.overflow.length.inc();
+        }
         let mut key = (u.channel.clone(), u.model.clone(), u.feature.clone());
         if !self.llm.contains_key(&key) && self.llm.len() >= self.config.max_llm_series {
             self.overflow.llm_series.inc();
@@ -403,6 +529,7 @@ impl State {
     /// Periodic work: marks silent bots stale, writes coalesced heartbeats,
     /// and forgets bots and series past their expiry.
     pub fn tick(&mut self, now: f64, out: &mut Vec<Row>) {
+        out.append(&mut self.pending);
         let stale_after = self.config.stale_after;
         let expiry = self.config.expiry;
         let mut expired = Vec::new();
@@ -440,12 +567,71 @@ impl State {
         }
     }
 
+    /// The bots the sampler should look at: visible pids of bots that are
+    /// not offline (they exited cleanly) or already dead.
+    pub fn sample_targets(&self) -> Vec<(String, u32)> {
+        self.bots
+            .values()
+            .filter(|b| b.visibility == Visibility::Local && matches!(b.status, Status::Online | Status::Stale))
+            .map(|b| (b.channel.clone(), b.pid))
+            .collect()
+    }
+
+    /// Applies a sampler pass: updates process figures, queues `bot_metrics`
+    /// rows, and declares bots whose process is gone (or whose pid now names
+    /// a different process) dead, even if their last heartbeat was recent.
+    pub fn record_samples(&mut self, samples: Vec<Sample>, now: f64) {
+        for s in samples {
+            let Some(bot) = self.bots.get_mut(&s.channel) else { continue };
+            // The bot restarted or went offline while the sampler ran.
+            if bot.pid != s.pid || !matches!(bot.status, Status::Online | Status::Stale) {
+                continue;
+            }
+            let gone = match s.result {
+                SampleResult::Alive { start_time, .. } if bot.process.is_some_and(|p| p.start_time != start_time) => {
+                    Some("pid reused by another process")
+                }
+                SampleResult::Alive { cpu_seconds, cpu_pct, rss_bytes, vms_bytes, start_time } => {
+                    bot.process = Some(ProcessInfo { alive: true, cpu_seconds, rss_bytes, vms_bytes, start_time });
+                    self.pending.push(Row::BotMetrics {
+                        ts: now,
+                        channel: bot.channel.clone(),
+                        pid: bot.pid,
+                        rss_mb: rss_bytes as f64 / (1024.0 * 1024.0),
+                        cpu_pct,
+                        features_json: features_json(&bot.features),
+                    });
+                    None
+                }
+                SampleResult::Gone(why) => Some(why),
+            };
+            if let Some(why) = gone {
+                if let Some(p) = bot.process.as_mut() {
+                    p.alive = false;
+                } else {
+                    bot.process =
+                        Some(ProcessInfo { alive: false, cpu_seconds: 0.0, rss_bytes: 0, vms_bytes: 0, start_time: 0 });
+                }
+                bot.set_status(Status::Dead, now);
+                warn!(channel = %bot.channel, pid = bot.pid, reason = why, "bot dead: process gone");
+                self.pending.push(bot.event_row(now, "dead", Some(why.to_owned())));
+                self.pending.push(bot.status_row(now));
+            }
+        }
+    }
+
     /// Writes every bot whose `last_seen` is behind, regardless of the
     /// coalescing interval. Used at shutdown so nothing is lost.
     pub fn flush(&mut self, now: f64, out: &mut Vec<Row>) {
+        out.append(&mut self.pending);
         for bot in self.bots.values_mut().filter(|b| b.dirty) {
             out.push(bot.status_row(now));
         }
+    }
+
+    /// The CPU seconds of all of a bot's processes seen while tracked.
+    pub fn cpu_seconds_total(bot: &Bot) -> f64 {
+        bot.cpu_base + bot.process.map_or(0.0, |p| p.cpu_seconds)
     }
 
     /// The tracked bots.
@@ -486,13 +672,14 @@ mod tests {
             OverflowCounters {
                 channel: IntCounter::new("c", "c").unwrap(),
                 llm_series: IntCounter::new("l", "l").unwrap(),
+                length: IntCounter::new("n", "n").unwrap(),
             },
         )
     }
 
     fn send(s: &mut State, line: &str, now: f64) -> Vec<Row> {
         let mut out = Vec::new();
-        s.apply(parse_line(line.as_bytes()).unwrap(), now, &mut out).unwrap();
+        s.apply(parse_line(line.as_bytes()).unwrap(), now, None, &mut out).unwrap();
         out
     }
 
@@ -519,7 +706,8 @@ mod tests {
         assert_eq!(events(&rows), ["restart"]);
         assert_eq!(s.bots().next().unwrap().restarts, 1);
         let mut out = Vec::new();
-        let err = s.apply(parse_line(br#"{"type":"unregister","channel":"a","pid":1}"#).unwrap(), 150.0, &mut out);
+        let err =
+            s.apply(parse_line(br#"{"type":"unregister","channel":"a","pid":1}"#).unwrap(), 150.0, None, &mut out);
         assert_eq!(err.unwrap_err().reason, Reason::PidMismatch);
         let rows = send(&mut s, r#"{"type":"unregister","channel":"a","pid":2}"#, 150.0);
         assert_eq!(events(&rows), ["unregister"]);
@@ -536,7 +724,7 @@ mod tests {
         send(&mut s, r#"{"type":"heartbeat","channel":"y","pid":9}"#, 0.0);
         send(&mut s, r#"{"type":"heartbeat","channel":"z","pid":9}"#, 0.0);
         let mut out = Vec::new();
-        let err = s.apply(parse_line(br#"{"type":"heartbeat","channel":"w","pid":9}"#).unwrap(), 0.0, &mut out);
+        let err = s.apply(parse_line(br#"{"type":"heartbeat","channel":"w","pid":9}"#).unwrap(), 0.0, None, &mut out);
         assert_eq!(err.unwrap_err().reason, Reason::TooManyBots);
         assert_eq!(s.overflow.channel.get(), 1);
         for m in ["m1", "m2", "m3", "m4"] {

@@ -83,6 +83,21 @@ pub enum Row {
         /// The sender's pid, if given.
         pid: Option<u32>,
     },
+    /// One process sample for the legacy `bot_metrics` table.
+    BotMetrics {
+        /// When it was sampled.
+        ts: f64,
+        /// The channel.
+        channel: String,
+        /// The sampled pid.
+        pid: u32,
+        /// Resident memory in MiB.
+        rss_mb: f64,
+        /// CPU percent since the previous sample.
+        cpu_pct: f64,
+        /// The bot's features as a JSON object.
+        features_json: String,
+    },
 }
 
 /// A bot read back from `bot_status` at start-up.
@@ -153,6 +168,8 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most rows per transaction.
     pub batch_size: usize,
+    /// Age after which history rows are deleted; `None` keeps everything.
+    pub retention: Option<Duration>,
 }
 
 /// A running writer thread.
@@ -196,6 +213,7 @@ pub fn start(
         write_errors: metrics.db_write_errors.clone(),
         db_up: metrics.db_up.clone(),
         dropped_db: metrics.events_dropped.with_label_values(&["db_error"]),
+        retention: config.retention,
         status,
         shutting_down: shutting_down.clone(),
     };
@@ -281,6 +299,8 @@ CREATE INDEX IF NOT EXISTS idx_llm_usage_channel_ts ON llm_usage(channel, ts);
 CREATE INDEX IF NOT EXISTS idx_llm_usage_model ON llm_usage(model);
 CREATE INDEX IF NOT EXISTS idx_llm_usage_ts ON llm_usage(ts);
 CREATE INDEX IF NOT EXISTS idx_bot_events_channel_ts ON bot_events(channel, ts);
+CREATE INDEX IF NOT EXISTS idx_bot_metrics_ts ON bot_metrics(ts);
+CREATE INDEX IF NOT EXISTS idx_bot_events_ts ON bot_events(ts);
 ";
 
 /// Brings any legacy shape up to [`SCHEMA_VERSION`] in one transaction:
@@ -410,9 +430,20 @@ struct WriterLoop {
     write_errors: IntCounter,
     db_up: IntGauge,
     dropped_db: IntCounter,
+    retention: Option<Duration>,
     status: Arc<WriterStatus>,
     shutting_down: Arc<AtomicBool>,
 }
+
+/// History tables pruned by retention.
+const RETENTION_TABLES: [&str; 3] = ["bot_metrics", "llm_usage", "bot_events"];
+
+/// Rows deleted per retention transaction: small enough that a chunk takes
+/// milliseconds and queued rows are written between chunks.
+const RETENTION_CHUNK: usize = 2000;
+
+/// How often retention runs once it has caught up.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// While the queue is disconnected (shutting down) a failing database is
 /// retried this many times before the remaining rows are counted as dropped.
@@ -423,21 +454,42 @@ impl WriterLoop {
         self.status.running.store(true, Ordering::SeqCst);
         self.db_up.set(1);
         let mut batch = Vec::with_capacity(self.batch_size);
+        // Retention runs right after start, then every RETENTION_EVERY; while
+        // it has a backlog it deletes one chunk per loop turn, so queued rows
+        // are never stuck behind a long delete.
+        let mut retention_due = std::time::Instant::now();
         loop {
             self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
-            match self.rx.recv_timeout(Duration::from_secs(1)) {
+            let now = std::time::Instant::now();
+            let wait =
+                if self.retention.is_some() && now >= retention_due { Duration::ZERO } else { Duration::from_secs(1) };
+            match self.rx.recv_timeout(wait) {
                 Ok(row) => batch.push(row),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            while batch.len() < self.batch_size {
+            while !batch.is_empty() && batch.len() < self.batch_size {
                 match self.rx.try_recv() {
                     Ok(row) => batch.push(row),
                     Err(_) => break,
                 }
             }
-            self.depth.sub(batch.len() as i64);
-            self.commit_with_retry(&mut conn, &mut batch);
+            if !batch.is_empty() {
+                self.depth.sub(batch.len() as i64);
+                self.commit_with_retry(&mut conn, &mut batch);
+            }
+            if let Some(keep) = self.retention {
+                if std::time::Instant::now() >= retention_due {
+                    match prune_chunk(&conn, keep) {
+                        Ok(true) => {}
+                        Ok(false) => retention_due = std::time::Instant::now() + RETENTION_EVERY,
+                        Err(e) => {
+                            warn!(error = %e, "retention failed; retrying later");
+                            retention_due = std::time::Instant::now() + Duration::from_secs(60);
+                        }
+                    }
+                }
+            }
         }
         self.status.running.store(false, Ordering::SeqCst);
         // A clean close checkpoints the WAL into the main file.
@@ -484,6 +536,29 @@ impl WriterLoop {
             }
         }
     }
+}
+
+/// Deletes at most one chunk of expired rows per table. Returns whether more
+/// remain; when none do, checkpoints the WAL so the file stops growing.
+fn prune_chunk(conn: &Connection, keep: Duration) -> rusqlite::Result<bool> {
+    let cutoff = format_time(unix_now() - keep.as_secs_f64());
+    let mut more = false;
+    let mut deleted = 0;
+    for table in RETENTION_TABLES {
+        let n = conn.execute(
+            &format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ?1 ORDER BY ts LIMIT {RETENTION_CHUNK})"),
+            [&cutoff],
+        )?;
+        deleted += n;
+        more |= n == RETENTION_CHUNK;
+    }
+    if deleted > 0 {
+        debug!(deleted, cutoff = %cutoff, "retention deleted old rows");
+    }
+    if !more {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    }
+    Ok(more)
 }
 
 fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
@@ -541,6 +616,20 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
                         cost_usd,
                         cost_source,
                         pid
+                    ])?;
+                }
+                Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_metrics(ts, channel, pid, rss_mb, cpu_pct, features_json)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        format_time(*ts),
+                        channel,
+                        pid,
+                        rss_mb,
+                        cpu_pct,
+                        features_json
                     ])?;
                 }
             }

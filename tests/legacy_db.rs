@@ -1,5 +1,8 @@
 //! Legacy database files in each shape seen in the wild are opened,
 //! migrated in place and keep every row; operators' queries keep working.
+//!
+//! The fixtures carry rows from 2025, older than the default 7-day retention,
+//! so these runs keep everything (`--db.retention=0`) to see migration alone.
 
 mod common;
 
@@ -7,6 +10,8 @@ use std::path::Path;
 
 use common::*;
 use rusqlite::Connection;
+
+const KEEP: &[&str] = &["--db.retention=0"];
 
 const MONITOR_SCHEMA: &str = "
 CREATE TABLE bot_status(channel TEXT PRIMARY KEY, pid INTEGER NOT NULL, status TEXT NOT NULL,
@@ -70,7 +75,7 @@ fn columns(c: &Connection, table: &str) -> Vec<String> {
 
 /// Runs an exporter on the file, sends one usage line, stops it cleanly.
 fn run_once(dir: &Path) {
-    let mut e = Exporter::start_in(dir, &[]);
+    let mut e = Exporter::start_in(dir, KEEP);
     e.send(LLM_USAGE);
     e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
     assert!(e.terminate().success());
@@ -104,7 +109,7 @@ fn legacy_monitor_file_is_migrated_and_keeps_rows() {
     drop(c);
 
     // The restored bot is visible at once; the long-gone one is not revived.
-    let mut e = Exporter::start_in(tmp.path(), &[]);
+    let mut e = Exporter::start_in(tmp.path(), KEEP);
     assert_eq!(e.metric(r#"kissbot_bot_up{channel="el_serda"}"#), Some(1.0));
     assert_eq!(e.metric(r#"kissbot_bot_feature_enabled{channel="el_serda",feature="llm"}"#), Some(1.0));
     assert_eq!(e.metric(r#"kissbot_bot_up{channel="gone_long_ago"}"#), None);
@@ -146,7 +151,7 @@ fn usage_logger_file_keeps_its_tables_and_concurrent_writes() {
     )
     .unwrap();
     drop(c);
-    let mut e = Exporter::start_in(tmp.path(), &[]);
+    let mut e = Exporter::start_in(tmp.path(), KEEP);
     // The bots' own usage logger keeps writing into the same file while the
     // exporter runs, with its own column list.
     let logger = Connection::open(&path).unwrap();
@@ -203,7 +208,7 @@ fn oldest_shape_with_naive_times_and_missing_columns() {
     )
     .unwrap();
     drop(c);
-    let mut e = Exporter::start_in(tmp.path(), &[]);
+    let mut e = Exporter::start_in(tmp.path(), KEEP);
     assert_eq!(e.metric(r#"kissbot_bot_up{channel="old_bot"}"#), Some(1.0), "restored from a naive timestamp");
     e.send(LLM_USAGE);
     e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
