@@ -49,6 +49,14 @@ pub struct Config {
     #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377")]
     pub web_listen_address: SocketAddr,
 
+    /// Enable the lifecycle endpoint `POST /-/reload` (re-reads the pricing file).
+    #[arg(long = "web.enable-lifecycle", env = "KISSBOT_EXPORTER_WEB_ENABLE_LIFECYCLE")]
+    pub web_enable_lifecycle: bool,
+
+    /// TOML price table consulted before the embedded one; re-read on SIGHUP.
+    #[arg(long = "pricing.file", env = "KISSBOT_EXPORTER_PRICING_FILE")]
+    pub pricing_file: Option<PathBuf>,
+
     /// Path under which the metrics are served.
     #[arg(long = "web.telemetry-path", env = "KISSBOT_EXPORTER_WEB_TELEMETRY_PATH", default_value = "/metrics")]
     pub web_telemetry_path: String,

@@ -68,6 +68,9 @@ pub enum Error {
     /// Registering a metric failed (a programming error caught at start-up).
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The pricing file is unreadable or invalid.
+    #[error(transparent)]
+    Pricing(crate::pricing::PricingError),
     /// A configuration value is invalid.
     #[error("invalid {what}: {reason}")]
     Config {

@@ -79,6 +79,12 @@ pub struct LlmUsage {
     pub reported_cost_usd: Option<f64>,
     /// True when the model or feature name was cut to [`MAX_LABEL_BYTES`].
     pub truncated: bool,
+    /// The provider, when the sender names it (e.g. `openai`).
+    pub provider: Option<String>,
+    /// Input tokens served from the provider's cache (part of `tokens_in`).
+    pub tokens_cached: u64,
+    /// True when the sender reported the call as failed (`"status": "error"`).
+    pub error: bool,
 }
 
 impl Event {
@@ -336,6 +342,12 @@ struct Raw<'a> {
     cost_usd: Option<Scalar<'a>>,
     #[serde(borrow)]
     estimated_cost: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    provider: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    tokens_cached: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    status: Option<Scalar<'a>>,
 }
 
 /// Parses and validates one line (without its trailing newline).
@@ -392,6 +404,34 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 Some(c) => Some(c),
                 None => number(raw.estimated_cost.as_ref(), "estimated_cost", MAX_COST_USD)?,
             };
+            let provider = match raw.provider.as_ref() {
+                None | Some(Scalar::Null) => None,
+                Some(Scalar::Str(s)) if s.is_empty() => None,
+                Some(Scalar::Str(s)) => Some(truncate(s, MAX_LABEL_BYTES).to_owned()),
+                Some(other) => return Err(wrong_type("provider", "a string", other)),
+            };
+            let tokens_cached = match raw.tokens_cached.as_ref() {
+                None | Some(Scalar::Null) => 0,
+                v => tokens(v, "tokens_cached")?,
+            };
+            if tokens_cached > tokens_in {
+                return Err(Rejection::new(
+                    Reason::InvalidValue,
+                    format!("tokens_cached {tokens_cached} is more than tokens_in {tokens_in}"),
+                ));
+            }
+            let error = match raw.status.as_ref() {
+                None | Some(Scalar::Null) => false,
+                Some(Scalar::Str(s)) if s.eq_ignore_ascii_case("ok") => false,
+                Some(Scalar::Str(s)) if s.eq_ignore_ascii_case("error") => true,
+                Some(Scalar::Str(s)) => {
+                    return Err(Rejection::new(
+                        Reason::InvalidValue,
+                        format!("status {:?} is neither \"ok\" nor \"error\"", truncate(s, 32)),
+                    ))
+                }
+                Some(other) => return Err(wrong_type("status", "a string", other)),
+            };
             Ok(Event::LlmUsage(LlmUsage {
                 channel,
                 model,
@@ -402,6 +442,9 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 pid,
                 reported_cost_usd,
                 truncated,
+                provider,
+                tokens_cached,
+                error,
             }))
         }
         other => Err(Rejection::new(Reason::UnknownType, format!("unknown message type {:?}", truncate(other, 64)))),

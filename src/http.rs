@@ -60,6 +60,10 @@ pub struct App {
     pub socket_listening: Arc<AtomicBool>,
     /// Liveness of the writer thread.
     pub writer: Arc<WriterStatus>,
+    /// Re-reads the pricing file.
+    pub reloader: Arc<crate::Reloader>,
+    /// Whether `POST /-/reload` is allowed.
+    pub enable_lifecycle: bool,
 }
 
 /// Binds the HTTP listener; the bound address is returned so that port 0 works.
@@ -125,12 +129,15 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
 }
 
 async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/-/reload" {
+        return reload(app, &req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    let path = req.uri().path();
     if path == app.telemetry_path {
         return metrics(app, &req).await;
     }
@@ -146,6 +153,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/api/bots" => json_response(StatusCode::OK, &bots_json(app)),
+        "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
         _ => response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
     }
 }
@@ -183,6 +191,108 @@ async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "rendering metrics failed\n")
         }
     }
+}
+
+async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        let mut r = response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use POST\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !app.enable_lifecycle {
+        return response(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            "lifecycle API is not enabled (start with --web.enable-lifecycle)\n",
+        );
+    }
+    let r = app.reloader.clone();
+    match tokio::task::spawn_blocking(move || r.reload()).await {
+        Ok(Ok(())) => response(StatusCode::OK, "text/plain; charset=utf-8", "reloaded\n"),
+        Ok(Err(e)) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{e}\n")),
+        Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "reload failed\n"),
+    }
+}
+
+/// `/api/usage?since=24h&group_by=model`: sums from SQLite, read on the
+/// blocking pool. `since` is a duration back from now or an ISO-8601 time.
+async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
+    let mut since = None;
+    let mut group_by = crate::store::GroupBy::Model;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "since" => match crate::config::parse_duration(&v) {
+                Ok(d) => since = Some(unix_now() - d.as_secs_f64()),
+                Err(_) => match crate::store::parse_time(&v) {
+                    Some(t) => since = Some(t),
+                    None => return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time")),
+                },
+            },
+            "group_by" => match crate::store::GroupBy::parse(&v) {
+                Some(g) => group_by = g,
+                None => return bad_request("group_by must be channel, model or feature"),
+            },
+            _ => return bad_request(&format!("unknown parameter {k:?}")),
+        }
+    }
+    let path = app.db_path.clone();
+    match tokio::task::spawn_blocking(move || crate::store::usage_totals(&path, since, group_by)).await {
+        Ok(Ok(groups)) => {
+            let total = groups.iter().fold(crate::store::UsageGroup::default(), |mut t, g| {
+                t.requests += g.requests;
+                t.tokens_in += g.tokens_in;
+                t.tokens_out += g.tokens_out;
+                t.cost_usd += g.cost_usd;
+                t.unpriced_requests += g.unpriced_requests;
+                t.errors += g.errors;
+                t
+            });
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "since": since.map(format_time),
+                    "group_by": group_by.column(),
+                    "groups": groups,
+                    "total": total,
+                }),
+            )
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "usage query failed");
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": e.to_string()}))
+        }
+        Err(_) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "usage query failed"})),
+    }
+}
+
+fn bad_request(msg: &str) -> Response<Full<Bytes>> {
+    json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+}
+
+/// Decodes `%XX` escapes and `+` in a query value.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn health(app: &App) -> Response<Full<Bytes>> {
@@ -269,7 +379,8 @@ fn landing_page(app: &App) -> String {
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.online{{color:#1a7f37}}\
          .stale{{color:#9a6700}}.dead{{color:#cf222e}}.offline{{color:#57606a}}</style></head><body>\n\
          <h1>KissBot Exporter</h1>\n<p>Version {version}. <a href=\"{path}\">Metrics</a> · \
-         <a href=\"/health\">Health</a> · <a href=\"/api/bots\">Bots (JSON)</a></p>\n\
+         <a href=\"/health\">Health</a> · <a href=\"/api/bots\">Bots (JSON)</a> · \
+         <a href=\"/api/usage?since=24h&amp;group_by=model\">LLM usage, last 24 h (JSON)</a></p>\n\
          <p>Socket <code>{socket}</code>. {n} bots: {on} online, {st} stale, {off} offline, {dead} dead.</p>\n\
          <table><tr><th>Channel</th><th>State</th><th>PID</th><th>Heartbeat age</th><th>Registered</th>\
          <th>Restarts</th><th>Features</th></tr>\n",

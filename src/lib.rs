@@ -133,6 +133,10 @@ pub async fn start(config: Config) -> Result<Running> {
     let (listener, guard) = ingest::bind(&config.socket_path, config.socket_mode)?;
     let (http_listener, http_addr) = http::bind(config.web_listen_address).await?;
 
+    let pricing = PriceTable::from_config(config.pricing_file.as_deref()).map_err(Error::Pricing)?;
+    if let Some(p) = &config.pricing_file {
+        info!(path = %p.display(), "pricing file loaded");
+    }
     let writer_status = Arc::new(WriterStatus::default());
     let store_config = StoreConfig {
         path: config.db_path.clone(),
@@ -152,7 +156,7 @@ pub async fn start(config: Config) -> Result<Running> {
             max_bots: config.limits_max_bots,
             max_llm_series: config.limits_max_llm_series,
         },
-        PriceTable::legacy(),
+        pricing,
         OverflowCounters {
             channel: metrics.label_overflow.with_label_values(&["channel"]),
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
@@ -190,7 +194,14 @@ pub async fn start(config: Config) -> Result<Running> {
         },
         stop_rx,
     )?;
+    let reloader = Arc::new(Reloader {
+        path: config.pricing_file.clone(),
+        state: state.clone(),
+        metrics: metrics.clone(),
+    });
     let app = Arc::new(http::App {
+        reloader: reloader.clone(),
+        enable_lifecycle: config.web_enable_lifecycle,
         metrics: metrics.clone(),
         state: state.clone(),
         telemetry_path: config.web_telemetry_path.clone(),
@@ -200,6 +211,7 @@ pub async fn start(config: Config) -> Result<Running> {
         writer: writer_status,
     });
     let http_task = tokio::spawn(http::serve(http_listener, app, token.clone()));
+    tokio::spawn(reload_on_sighup(reloader, token.clone()));
     Ok(Running {
         http_addr,
         socket_path: config.socket_path,
@@ -221,6 +233,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let running = start(config).await?;
     shutdown.await;
     running.shutdown().await
+}
+
+/// Re-reads the pricing file and swaps it into the state. A bad file is
+/// refused with the reason, and the table in force stays.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    state: Arc<Mutex<State>>,
+    metrics: Metrics,
+}
+
+impl Reloader {
+    /// Reloads now (blocking: it reads a file). Returns the refusal reason.
+    pub fn reload(&self) -> std::result::Result<(), String> {
+        let Some(path) = &self.path else {
+            info!("reload requested; no pricing file configured, the embedded table stays");
+            self.metrics.config_reloads.with_label_values(&["success"]).inc();
+            return Ok(());
+        };
+        match PriceTable::load(path) {
+            Ok(table) => {
+                self.state.lock().unwrap_or_else(|e| e.into_inner()).set_pricing(table);
+                self.metrics.config_reloads.with_label_values(&["success"]).inc();
+                self.metrics.config_last_reload_successful.set(1);
+                info!(path = %path.display(), "pricing file reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["failure"]).inc();
+                self.metrics.config_last_reload_successful.set(0);
+                warn!(error = %e, "pricing reload refused; the previous table stays in force");
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+async fn reload_on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot install the SIGHUP handler; reload with POST /-/reload instead");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            info!(signal = "SIGHUP", "reloading the pricing file");
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, shutdown);
+    }
 }
 
 /// Sweeps the state once per [`TICK`]: stale transitions, coalesced

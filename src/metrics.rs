@@ -47,6 +47,10 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
     pub label_overflow: IntCounterVec,
+    /// Pricing reloads by outcome (`success`, `failure`).
+    pub config_reloads: IntCounterVec,
+    /// 1 if the last pricing (re)load succeeded.
+    pub config_last_reload_successful: IntGauge,
     /// Duration of the last sampler pass.
     pub sampler_duration: GaugeMetric,
     /// Unix time of the last completed sampler pass.
@@ -119,6 +123,14 @@ impl Metrics {
                 opts("kissbot_exporter_label_overflow_total", "Events whose labels hit a cardinality limit, by label."),
                 &["label"],
             )?,
+            config_reloads: IntCounterVec::new(
+                opts("kissbot_exporter_config_reloads_total", "Pricing file reloads, by outcome."),
+                &["outcome"],
+            )?,
+            config_last_reload_successful: IntGauge::with_opts(opts(
+                "kissbot_exporter_config_last_reload_successful",
+                "1 if the last pricing file (re)load succeeded; the old table stays in force otherwise.",
+            ))?,
             sampler_duration: GaugeMetric::with_opts(opts(
                 "kissbot_exporter_sampler_duration_seconds",
                 "Duration of the last process sampler pass.",
@@ -144,6 +156,10 @@ impl Metrics {
             m.label_overflow.with_label_values(&[l]);
         }
         m.connections_rejected.with_label_values(&["limit"]);
+        for o in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[o]);
+        }
+        m.config_last_reload_successful.set(1);
         let r = &m.registry;
         r.register(Box::new(build_info))?;
         r.register(Box::new(m.messages.clone()))?;
@@ -158,6 +174,8 @@ impl Metrics {
         r.register(Box::new(m.db_write_errors.clone()))?;
         r.register(Box::new(m.db_up.clone()))?;
         r.register(Box::new(m.label_overflow.clone()))?;
+        r.register(Box::new(m.config_reloads.clone()))?;
+        r.register(Box::new(m.config_last_reload_successful.clone()))?;
         r.register(Box::new(m.sampler_duration.clone()))?;
         r.register(Box::new(m.sampler_last_success.clone()))?;
         #[cfg(target_os = "linux")]
@@ -263,6 +281,18 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &["channel"],
     ),
+    (
+        "kissbot_llm_errors_total",
+        "LLM calls the bot reported as failed.",
+        MetricType::COUNTER,
+        &["channel", "model", "feature"],
+    ),
+    (
+        "kissbot_llm_cached_input_tokens_total",
+        "LLM prompt tokens served from the provider's cache.",
+        MetricType::COUNTER,
+        &["channel", "model", "feature"],
+    ),
 ];
 
 struct StateCollector {
@@ -361,6 +391,8 @@ impl Collector for StateCollector {
                 fams[10].push(counter(&l, s.input_tokens as f64));
                 fams[11].push(counter(&l, s.output_tokens as f64));
                 fams[12].push(counter(&l, s.cost_usd));
+                fams[21].push(counter(&l, s.errors as f64));
+                fams[22].push(counter(&l, s.cached_tokens as f64));
                 if s.unpriced > 0 {
                     *unpriced.entry(model.as_str()).or_default() += s.unpriced;
                 }

@@ -1,8 +1,19 @@
 //! Turns token counts into USD.
 //!
-//! The table is the one the bots themselves used (USD per million tokens,
-//! input and output priced separately, with a fallback for unknown models),
-//! so the exporter's numbers match what operators already saw in their bots.
+//! The exporter is the one place where cost is computed, from a price table
+//! the operator controls: the embedded table in `src/prices.toml` (the bots'
+//! legacy prices plus current list prices, each entry citing its source),
+//! optionally preceded by a pricing file in the same format.
+//!
+//! Which cost counts: a cost the sender reported wins; otherwise the table;
+//! otherwise the call is *unpriced* and counted as such, never as a silent $0.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The embedded table.
+pub const BUILTIN_TOML: &str = include_str!("prices.toml");
 
 /// Price of one model, in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -11,6 +22,8 @@ pub struct Price {
     pub input: f64,
     /// USD per 1M output (completion) tokens.
     pub output: f64,
+    /// USD per 1M cached input tokens; `None` prices them as plain input.
+    pub cached_input: Option<f64>,
 }
 
 /// Where the cost of a call came from; stored with every `llm_usage` row.
@@ -35,53 +48,196 @@ impl CostSource {
     }
 }
 
-/// The legacy price table from the bots (model, input, output).
-const LEGACY: &[(&str, f64, f64)] = &[
-    ("gpt-4", 30.0, 60.0),
-    ("gpt-4-turbo", 10.0, 30.0),
-    ("gpt-4.1-mini", 0.15, 0.60),
-    ("gpt-4o", 2.50, 10.0),
-    ("gpt-4o-mini", 0.15, 0.60),
-    ("gpt-3.5-turbo", 0.50, 1.50),
-    ("mistral-7b-instruct", 0.0, 0.0),
-];
+/// Why a pricing file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PricingError {
+    /// The file could not be read.
+    #[error("cannot read pricing file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("invalid pricing file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// An entry is inconsistent.
+    #[error("invalid pricing file {path}: entry {index}: {message}")]
+    Entry {
+        /// The file.
+        path: PathBuf,
+        /// 1-based position of the `[[model]]` entry.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
 
-/// The legacy fallback for models missing from the table.
-const LEGACY_DEFAULT: Price = Price { input: 1.0, output: 2.0 };
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    name: Option<String>,
+    pattern: Option<String>,
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+    #[allow(dead_code)] // Documentation for people; parsed so typos are caught.
+    source: Option<String>,
+}
 
-/// A price table: exact names, matched case-insensitively, plus a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDefault {
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+    #[allow(dead_code)] // As above.
+    source: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum UnknownModels {
+    /// Use the `[default]` price (the file's, else the embedded one).
+    #[default]
+    Default,
+    /// Leave models that match nothing unpriced.
+    Unpriced,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricingFile {
+    /// Consult the embedded table after this file's entries (default true).
+    builtin: Option<bool>,
+    /// What to do with models no entry matches.
+    #[serde(default)]
+    unknown_models: UnknownModels,
+    #[serde(default)]
+    model: Vec<FileEntry>,
+    default: Option<FileDefault>,
+}
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Exact(String),
+    Glob(String),
+}
+
+/// A price table: exact names, then glob patterns in order, then a default.
 #[derive(Debug, Clone)]
 pub struct PriceTable {
-    exact: Vec<(String, Price)>,
+    entries: Vec<(Matcher, Price)>,
     default: Option<Price>,
 }
 
 impl Default for PriceTable {
     fn default() -> Self {
-        PriceTable::legacy()
+        PriceTable::builtin()
     }
 }
 
+fn check_price(input: f64, output: f64, cached: Option<f64>) -> Result<Price, String> {
+    for (what, v) in [("input", Some(input)), ("output", Some(output)), ("cached_input", cached)] {
+        if let Some(v) = v {
+            if !v.is_finite() || !(0.0..=100_000.0).contains(&v) {
+                return Err(format!("{what} price {v} must be between 0 and 100000 USD per 1M tokens"));
+            }
+        }
+    }
+    Ok(Price { input, output, cached_input: cached })
+}
+
 impl PriceTable {
-    /// The bots' own table, with its default price.
-    pub fn legacy() -> PriceTable {
-        PriceTable {
-            exact: LEGACY.iter().map(|(m, i, o)| ((*m).to_owned(), Price { input: *i, output: *o })).collect(),
-            default: Some(LEGACY_DEFAULT),
+    /// The embedded table.
+    pub fn builtin() -> PriceTable {
+        // The embedded file is part of the build and covered by a unit test,
+        // so parsing it cannot fail at run time; an empty table with the
+        // legacy default is the harmless fallback should it ever.
+        PriceTable::parse(BUILTIN_TOML, Path::new("<builtin>"), None).unwrap_or(PriceTable {
+            entries: Vec::new(),
+            default: Some(Price { input: 1.0, output: 2.0, cached_input: None }),
+        })
+    }
+
+    /// Loads a pricing file on top of the embedded table.
+    pub fn load(path: &Path) -> Result<PriceTable, PricingError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
+        PriceTable::parse(&text, path, Some(PriceTable::builtin()))
+    }
+
+    /// Loads the table in force: the file if one is given, else the builtin.
+    pub fn from_config(path: Option<&Path>) -> Result<PriceTable, PricingError> {
+        match path {
+            Some(p) => PriceTable::load(p),
+            None => Ok(PriceTable::builtin()),
         }
     }
 
-    /// Finds the price of a model, tolerating case and a `provider/` prefix.
+    /// Parses a table; `base` is consulted after it when the file allows.
+    pub fn parse(text: &str, path: &Path, base: Option<PriceTable>) -> Result<PriceTable, PricingError> {
+        let file: PricingFile =
+            toml::from_str(text).map_err(|e| PricingError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let mut exact = Vec::new();
+        let mut globs = Vec::new();
+        for (i, e) in file.model.into_iter().enumerate() {
+            let err = |message: String| PricingError::Entry { path: path.to_owned(), index: i + 1, message };
+            let price = check_price(e.input, e.output, e.cached_input).map_err(err)?;
+            match (e.name, e.pattern) {
+                (Some(n), None) if !n.trim().is_empty() => exact.push((Matcher::Exact(n.trim().to_lowercase()), price)),
+                (None, Some(p)) if !p.trim().is_empty() => globs.push((Matcher::Glob(p.trim().to_lowercase()), price)),
+                _ => return Err(err("needs exactly one of `name` or `pattern`".into())),
+            }
+        }
+        let own_default = match file.default {
+            Some(d) => Some(check_price(d.input, d.output, d.cached_input).map_err(|message| PricingError::Entry {
+                path: path.to_owned(),
+                index: 0,
+                message: format!("[default]: {message}"),
+            })?),
+            None => None,
+        };
+        let mut entries = exact;
+        entries.extend(globs);
+        let use_base = file.builtin.unwrap_or(true);
+        let mut default = own_default;
+        if let Some(base) = base.filter(|_| use_base) {
+            // The file's exact names and patterns come first, then the base's.
+            entries.extend(base.entries);
+            default = default.or(base.default);
+        }
+        if file.unknown_models == UnknownModels::Unpriced {
+            default = None;
+        }
+        Ok(PriceTable { entries, default })
+    }
+
+    /// Finds the price of a model: case-insensitive, ignoring a `provider/`
+    /// prefix; exact names win over patterns, patterns in file order.
     pub fn lookup(&self, model: &str) -> Option<Price> {
-        let name = model.rsplit('/').next().unwrap_or(model);
-        self.exact.iter().find(|(m, _)| m.eq_ignore_ascii_case(name)).map(|(_, p)| *p).or(self.default)
+        let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
+        let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
+        exact
+            .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if glob(g, &name))))
+            .map(|(_, p)| *p)
+            .or(self.default)
     }
 
     /// The cost of a call and where it came from. A reported cost wins.
+    /// `tokens_cached` is the part of `tokens_in` served from the cache.
     pub fn cost(
         &self,
         model: &str,
         tokens_in: u64,
+        tokens_cached: u64,
         tokens_out: u64,
         reported: Option<f64>,
     ) -> (Option<f64>, CostSource) {
@@ -89,33 +245,160 @@ impl PriceTable {
             return (Some(c), CostSource::Reported);
         }
         match self.lookup(model) {
-            Some(p) => (
-                // Dividing once, at the end, keeps results such as 145 x $30 + 87 x $60
-                // exactly representable as the decimal people expect.
-                Some((tokens_in as f64 * p.input + tokens_out as f64 * p.output) / 1e6),
-                CostSource::Table,
-            ),
+            Some(p) => {
+                let cached = tokens_cached.min(tokens_in);
+                let fresh = tokens_in - cached;
+                // Dividing once, at the end, keeps results such as
+                // 145 x $30 + 87 x $60 exactly the decimal people expect.
+                let micro = fresh as f64 * p.input
+                    + cached as f64 * p.cached_input.unwrap_or(p.input)
+                    + tokens_out as f64 * p.output;
+                (Some(micro / 1e6), CostSource::Table)
+            }
             None => (None, CostSource::Unpriced),
         }
     }
+}
+
+/// Matches `*` (any run) and `?` (one character) against a whole name.
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == '[' {
+            // A character class such as [57].
+            match p[pi..].iter().position(|c| *c == ']') {
+                Some(end) if p[pi + 1..pi + end].contains(&n[ni]) => {
+                    pi += end + 1;
+                    ni += 1;
+                }
+                _ => match star {
+                    Some((sp, sn)) => {
+                        pi = sp + 1;
+                        ni = sn + 1;
+                        star = Some((sp, sn + 1));
+                    }
+                    None => return false,
+                },
+            }
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-12)
+    }
+
     #[test]
-    fn legacy_prices() {
-        let t = PriceTable::legacy();
-        let (c, s) = t.cost("gpt-4o-mini", 1_000_000, 0, None);
+    fn builtin_table_parses_and_has_legacy_prices() {
+        let t = PriceTable::parse(BUILTIN_TOML, Path::new("builtin"), None).expect("embedded table parses");
+        let (c, s) = t.cost("gpt-4o-mini", 1_000_000, 0, 0, None);
         assert_eq!(s, CostSource::Table);
-        assert!((c.unwrap() - 0.15).abs() < 1e-12);
-        let (c, _) = t.cost("gpt-4", 145, 87, None);
-        assert!((c.unwrap() - (145.0 * 30.0 + 87.0 * 60.0) / 1e6).abs() < 1e-12);
-        let (c, _) = t.cost("OpenAI/GPT-4o", 0, 1_000_000, None);
-        assert!((c.unwrap() - 10.0).abs() < 1e-12);
-        let (c, _) = t.cost("some-new-model", 1_000_000, 1_000_000, None);
-        assert!((c.unwrap() - 3.0).abs() < 1e-12);
-        assert_eq!(t.cost("gpt-4", 1, 1, Some(0.25)), (Some(0.25), CostSource::Reported));
+        assert!(close(c, 0.15), "{c:?}");
+        assert!(close(t.cost("gpt-4", 145, 0, 87, None).0, 0.00957));
+        assert!(close(t.cost("gpt-4-turbo", 1_000_000, 0, 1_000_000, None).0, 40.0));
+        assert!(close(t.cost("gpt-3.5-turbo", 1_000_000, 0, 1_000_000, None).0, 2.0));
+        assert!(close(t.cost("mistral-7b-instruct", 1_000_000, 0, 1_000_000, None).0, 0.0));
+        assert!(close(t.cost("some-new-model", 1_000_000, 0, 1_000_000, None).0, 3.0), "legacy default");
+    }
+
+    #[test]
+    fn provider_prefixes_case_and_patterns() {
+        let t = PriceTable::builtin();
+        assert!(close(t.cost("OpenAI/GPT-4o", 0, 0, 1_000_000, None).0, 10.0));
+        assert!(close(t.cost("openrouter/openai/gpt-4o-mini", 1_000_000, 0, 0, None).0, 0.15));
+        // A dated snapshot matches its family pattern; -mini before the plain family.
+        assert!(close(t.cost("gpt-4o-mini-2024-07-18", 1_000_000, 0, 0, None).0, 0.15));
+        assert!(close(t.cost("gpt-4o-2024-08-06", 1_000_000, 0, 0, None).0, 2.5));
+        assert!(close(t.cost("anthropic/claude-3-5-sonnet-20241022", 1_000_000, 0, 0, None).0, 3.0));
+        assert!(close(t.cost("claude-3-7-sonnet-latest", 1_000_000, 0, 0, None).0, 3.0));
+        assert!(close(t.cost("claude-opus-4-5-20251101", 1_000_000, 0, 0, None).0, 5.0));
+        assert!(close(t.cost("claude-opus-4-1", 1_000_000, 0, 0, None).0, 15.0));
+    }
+
+    #[test]
+    fn file_overrides_extends_and_orders_patterns() {
+        let file = r#"
+            [[model]]
+            pattern = "acme-*-large"
+            input = 9.0
+            output = 9.0
+            [[model]]
+            pattern = "acme-*"
+            input = 1.0
+            output = 1.0
+            [[model]]
+            name = "gpt-4o"
+            input = 5.0
+            output = 20.0
+            cached_input = 0.5
+        "#;
+        let t = PriceTable::parse(file, Path::new("f"), Some(PriceTable::builtin())).unwrap();
+        assert!(close(t.cost("acme-x-large", 1_000_000, 0, 0, None).0, 9.0), "first pattern in file order wins");
+        assert!(close(t.cost("acme-x-small", 1_000_000, 0, 0, None).0, 1.0));
+        assert!(close(t.cost("gpt-4o", 1_000_000, 0, 0, None).0, 5.0), "file overrides builtin");
+        assert!(close(t.cost("gpt-4", 1_000_000, 0, 0, None).0, 30.0), "builtin still extends");
+        // 1M input of which 400k cached: 600k x 5 + 400k x 0.5.
+        assert!(close(t.cost("gpt-4o", 1_000_000, 400_000, 0, None).0, 3.2));
+    }
+
+    #[test]
+    fn cached_tokens_without_cached_price_cost_as_input() {
+        let t = PriceTable::builtin();
+        assert!(close(t.cost("gpt-4", 1_000_000, 500_000, 0, None).0, 30.0));
+        assert!(close(t.cost("gpt-4o", 1_000_000, 1_000_000, 0, None).0, 1.25));
+        // More cached than input is capped, never negative.
+        assert!(close(t.cost("gpt-4o", 10, 50, 0, None).0, 10.0 * 1.25 / 1e6));
+    }
+
+    #[test]
+    fn reported_cost_wins_and_unknown_models_can_be_unpriced() {
+        let t = PriceTable::builtin();
+        assert_eq!(t.cost("gpt-4", 1, 0, 1, Some(0.25)), (Some(0.25), CostSource::Reported));
+        let t = PriceTable::parse("unknown_models = \"unpriced\"", Path::new("f"), Some(PriceTable::builtin())).unwrap();
+        assert_eq!(t.cost("mystery", 1, 0, 1, None), (None, CostSource::Unpriced));
+        assert_eq!(t.cost("gpt-4", 1_000_000, 0, 0, None).1, CostSource::Table);
+        let t = PriceTable::parse("builtin = false", Path::new("f"), Some(PriceTable::builtin())).unwrap();
+        assert_eq!(t.cost("gpt-4", 1, 0, 1, None).1, CostSource::Unpriced, "no builtin, no default");
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_clear_errors() {
+        let bad = |text: &str| PriceTable::parse(text, Path::new("p.toml"), None).unwrap_err().to_string();
+        assert!(bad("[[model]]\nname = \"x\"\ninput = -1.0\noutput = 1.0").contains("entry 1"));
+        assert!(bad("[[model]]\nname = \"x\"\ninput = nan\noutput = 1.0").contains("between 0 and"));
+        assert!(bad("[[model]]\nname = \"x\"\ninput = 1e9\noutput = 1.0").contains("between 0 and"));
+        assert!(bad("[[model]]\ninput = 1.0\noutput = 1.0").contains("exactly one of"));
+        assert!(bad("[[model]]\nname = \"x\"\npattern = \"y\"\ninput = 1.0\noutput = 1.0").contains("exactly one of"));
+        assert!(bad("[[model]]\nnmae = \"x\"\ninput = 1.0\noutput = 1.0").contains("unknown field"));
+        assert!(bad("this is not toml").starts_with("invalid pricing file p.toml"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("gpt-4o-*", "gpt-4o-2024"));
+        assert!(!glob("gpt-4o-*", "gpt-4o"));
+        assert!(glob("claude-3-[57]-sonnet*", "claude-3-7-sonnet-latest"));
+        assert!(!glob("claude-3-[57]-sonnet*", "claude-3-6-sonnet"));
+        assert!(glob("a?c", "abc"));
+        assert!(glob("*", ""));
     }
 }

@@ -182,6 +182,10 @@ pub struct LlmSeries {
     pub cost_usd: f64,
     /// Calls that could not be priced.
     pub unpriced: u64,
+    /// Calls the sender reported as failed.
+    pub errors: u64,
+    /// Input tokens served from cache (part of `input_tokens`).
+    pub cached_tokens: u64,
     /// When the series last changed, for expiry.
     pub updated_at: f64,
 }
@@ -487,7 +491,8 @@ impl State {
     }
 
     fn llm_usage(&mut self, u: LlmUsage, now: f64, out: &mut Vec<Row>) {
-        let (cost, source) = self.pricing.cost(&u.model, u.tokens_in, u.tokens_out, u.reported_cost_usd);
+        let (cost, source) =
+            self.pricing.cost(&u.model, u.tokens_in, u.tokens_cached, u.tokens_out, u.reported_cost_usd);
         if u.truncated {
             self.overflow.length.inc();
         }
@@ -504,6 +509,8 @@ impl State {
         if source == CostSource::Unpriced {
             series.unpriced += 1;
         }
+        series.errors += u64::from(u.error);
+        series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
         if let Some(ms) = u.latency_ms {
             let mut key = (u.channel.clone(), u.model.clone());
@@ -523,6 +530,9 @@ impl State {
             cost_usd: cost,
             cost_source: source.as_str(),
             pid: u.pid,
+            provider: u.provider,
+            tokens_cached: u.tokens_cached,
+            status: if u.error { "error" } else { "ok" },
         });
     }
 
@@ -658,6 +668,11 @@ impl State {
     pub fn pricing(&self) -> &PriceTable {
         &self.pricing
     }
+
+    /// Replaces the price table (on reload); later calls use the new prices.
+    pub fn set_pricing(&mut self, pricing: PriceTable) {
+        self.pricing = pricing;
+    }
 }
 
 #[cfg(test)]
@@ -668,7 +683,7 @@ mod tests {
     fn state() -> State {
         State::new(
             StateConfig { stale_after: 90.0, expiry: 3600.0, max_bots: 3, max_llm_series: 2 },
-            PriceTable::legacy(),
+            PriceTable::builtin(),
             OverflowCounters {
                 channel: IntCounter::new("c", "c").unwrap(),
                 llm_series: IntCounter::new("l", "l").unwrap(),

@@ -82,6 +82,12 @@ pub enum Row {
         cost_source: &'static str,
         /// The sender's pid, if given.
         pid: Option<u32>,
+        /// The provider, if given.
+        provider: Option<String>,
+        /// Cached input tokens.
+        tokens_cached: u64,
+        /// `ok` or `error`.
+        status: &'static str,
     },
     /// One process sample for the legacy `bot_metrics` table.
     BotMetrics {
@@ -274,7 +280,18 @@ const COLUMNS: &[(&str, &[(&str, &str)])] = &[
             ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
         ],
     ),
-    ("llm_usage", &[("latency_ms", "REAL"), ("cost_usd", "REAL"), ("cost_source", "TEXT"), ("pid", "INTEGER")]),
+    (
+        "llm_usage",
+        &[
+            ("latency_ms", "REAL"),
+            ("cost_usd", "REAL"),
+            ("cost_source", "TEXT"),
+            ("pid", "INTEGER"),
+            ("provider", "TEXT"),
+            ("tokens_cached", "INTEGER"),
+            ("status", "TEXT"),
+        ],
+    ),
 ];
 
 const CREATE: &str = "
@@ -287,7 +304,8 @@ CREATE TABLE IF NOT EXISTS bot_metrics(
 CREATE TABLE IF NOT EXISTS llm_usage(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
     model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
-    tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER);
+    tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER,
+    provider TEXT, tokens_cached INTEGER, status TEXT);
 CREATE TABLE IF NOT EXISTS bot_events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
     pid INTEGER, event TEXT NOT NULL, detail TEXT);
@@ -600,10 +618,14 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
                     cost_usd,
                     cost_source,
                     pid,
+                    provider,
+                    tokens_cached,
+                    status,
                 } => {
                     tx.prepare_cached(
                         "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
-                           cost_usd, cost_source, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                           cost_usd, cost_source, pid, provider, tokens_cached, status)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     )?
                     .execute(params![
                         format_time(*ts),
@@ -615,7 +637,10 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
                         latency_ms,
                         cost_usd,
                         cost_source,
-                        pid
+                        pid,
+                        provider,
+                        *tokens_cached as i64,
+                        status
                     ])?;
                 }
                 Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {
@@ -636,6 +661,86 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
         }
     }
     tx.commit()
+}
+
+/// How `/api/usage` groups its sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By bot channel.
+    Channel,
+    /// By model name.
+    Model,
+    /// By bot feature.
+    Feature,
+}
+
+impl GroupBy {
+    /// Parses `channel`, `model` or `feature`.
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        match s {
+            "channel" => Some(GroupBy::Channel),
+            "model" => Some(GroupBy::Model),
+            "feature" => Some(GroupBy::Feature),
+            _ => None,
+        }
+    }
+
+    /// The column name; one of three fixed strings, safe to put in SQL.
+    pub fn column(self) -> &'static str {
+        match self {
+            GroupBy::Channel => "channel",
+            GroupBy::Model => "model",
+            GroupBy::Feature => "feature",
+        }
+    }
+}
+
+/// Sums of `llm_usage` rows for one group.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct UsageGroup {
+    /// The channel, model or feature (empty for the total).
+    pub key: String,
+    /// Calls.
+    pub requests: i64,
+    /// Prompt tokens.
+    pub tokens_in: i64,
+    /// Completion tokens.
+    pub tokens_out: i64,
+    /// USD over the rows that have a cost.
+    pub cost_usd: f64,
+    /// Rows without a cost (unpriced calls, and legacy rows from before costs).
+    pub unpriced_requests: i64,
+    /// Calls reported as failed.
+    pub errors: i64,
+}
+
+/// Sums tokens and cost from `llm_usage` since a time, grouped. Opens its own
+/// read-only connection: call it on a blocking thread, never on the runtime.
+pub fn usage_totals(path: &Path, since: Option<f64>, group_by: GroupBy) -> Result<Vec<UsageGroup>> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let col = group_by.column();
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {col}, COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd),
+                SUM(cost_usd IS NULL), SUM(COALESCE(status, 'ok') = 'error')
+         FROM llm_usage WHERE ts >= ?1 GROUP BY {col} ORDER BY TOTAL(cost_usd) DESC, {col}"
+    ))?;
+    let since = since.map(format_time).unwrap_or_default();
+    let rows = stmt.query_map([since], |r| {
+        Ok(UsageGroup {
+            key: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            requests: r.get(1)?,
+            tokens_in: r.get::<_, f64>(2)? as i64,
+            tokens_out: r.get::<_, f64>(3)? as i64,
+            cost_usd: r.get(4)?,
+            unpriced_requests: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+            errors: r.get::<_, Option<i64>>(6)?.unwrap_or(0),
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// The current time as Unix seconds.
