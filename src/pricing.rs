@@ -393,6 +393,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_file_parses() {
+        let text = include_str!("../docs/pricing.example.toml");
+        let t = PriceTable::parse(text, Path::new("example"), Some(PriceTable::builtin())).expect("example parses");
+        assert!(close(t.cost("gpt-4.1-mini", 1_000_000, 0, 0, None).0, 0.40));
+        assert!(close(t.cost("gpt-4o-mini-2024-07-18", 1_000_000, 0, 0, None).0, 0.12));
+        assert!(close(t.cost("gpt-4o-mini", 1_000_000, 0, 0, None).0, 0.15), "exact builtin name beats a file pattern");
+        assert_eq!(t.cost("who-knows", 1, 0, 1, None).1, CostSource::Unpriced);
+    }
+
+    #[test]
     fn globs() {
         assert!(glob("gpt-4o-*", "gpt-4o-2024"));
         assert!(!glob("gpt-4o-*", "gpt-4o"));
