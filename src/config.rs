@@ -69,6 +69,17 @@ pub struct Config {
     #[arg(long = "bot.expiry", env = "KISSBOT_EXPORTER_BOT_EXPIRY", default_value = "1h", value_parser = parse_duration)]
     pub bot_expiry: Duration,
 
+    /// How long a write waits for a lock held by another process before it
+    /// fails and is retried.
+    #[arg(long = "db.busy-timeout", env = "KISSBOT_EXPORTER_DB_BUSY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_busy_timeout: Duration,
+
+    /// Largest size of the database file in MiB (`PRAGMA max_page_count`); 0 for no limit.
+    /// When it is reached writes fail, rows stay queued and are counted, and
+    /// writing resumes once space is freed (e.g. by retention).
+    #[arg(long = "db.max-size-mib", env = "KISSBOT_EXPORTER_DB_MAX_SIZE_MIB", default_value_t = 0)]
+    pub db_max_size_mib: u64,
+
     /// Delete `bot_metrics`, `llm_usage` and `bot_events` rows older than this; `0` keeps everything.
     #[arg(long = "db.retention", env = "KISSBOT_EXPORTER_DB_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub db_retention: Duration,

@@ -143,6 +143,11 @@ pub async fn start(config: Config) -> Result<Running> {
         queue_capacity: config.queue_capacity,
         batch_size: config.db_batch_size,
         retention: (!config.db_retention.is_zero()).then_some(config.db_retention),
+        options: store::DbOptions {
+            busy_timeout: config.db_busy_timeout,
+            // SQLite's default page size is 4 KiB.
+            max_pages: (config.db_max_size_mib > 0).then_some(config.db_max_size_mib * 256),
+        },
     };
     let (m, ws) = (metrics.clone(), writer_status.clone());
     let (sink, restored, writer) = tokio::task::spawn_blocking(move || store::start(store_config, &m, ws))
@@ -194,11 +199,8 @@ pub async fn start(config: Config) -> Result<Running> {
         },
         stop_rx,
     )?;
-    let reloader = Arc::new(Reloader {
-        path: config.pricing_file.clone(),
-        state: state.clone(),
-        metrics: metrics.clone(),
-    });
+    let reloader =
+        Arc::new(Reloader { path: config.pricing_file.clone(), state: state.clone(), metrics: metrics.clone() });
     let app = Arc::new(http::App {
         reloader: reloader.clone(),
         enable_lifecycle: config.web_enable_lifecycle,

@@ -176,6 +176,8 @@ pub struct StoreConfig {
     pub batch_size: usize,
     /// Age after which history rows are deleted; `None` keeps everything.
     pub retention: Option<Duration>,
+    /// How the database is opened.
+    pub options: DbOptions,
 }
 
 /// A running writer thread.
@@ -224,8 +226,9 @@ pub fn start(
         shutting_down: shutting_down.clone(),
     };
     let path = config.path.clone();
+    let options = config.options;
     let thread = std::thread::Builder::new().name("kissbot-writer".into()).spawn(move || {
-        let conn = match open(&path).and_then(|c| load_bots(&c).map(|b| (c, b))) {
+        let conn = match open_with(&path, options).and_then(|c| load_bots(&c).map(|b| (c, b))) {
             Ok((conn, bots)) => {
                 let _ = ready_tx.send(Ok(bots));
                 conn
@@ -235,7 +238,7 @@ pub fn start(
                 return;
             }
         };
-        worker.run(conn);
+        worker.run(conn, Db::new(path, options));
     })?;
     let bots = ready_rx.recv().map_err(|_| Error::WriterGone)??;
     let sink = Sink {
@@ -249,9 +252,17 @@ pub fn start(
 
 /// Opens (creating if needed) and migrates a database file.
 pub fn open(path: &Path) -> Result<Connection> {
+    open_with(path, DbOptions::default())
+}
+
+/// [`open`] with explicit options.
+pub fn open_with(path: &Path, options: DbOptions) -> Result<Connection> {
     let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
     let conn = Connection::open(path).map_err(wrap)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+    conn.busy_timeout(options.busy_timeout).map_err(wrap)?;
+    if let Some(pages) = options.max_pages {
+        conn.pragma_update(None, "max_page_count", pages).map_err(wrap)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
     migrate(&conn, path)?;
@@ -468,7 +479,8 @@ const RETENTION_EVERY: Duration = Duration::from_secs(600);
 const SHUTDOWN_RETRIES: u32 = 5;
 
 impl WriterLoop {
-    fn run(self, mut conn: Connection) {
+    fn run(self, conn: Connection, mut db: Db) {
+        db.adopt(conn);
         self.status.running.store(true, Ordering::SeqCst);
         self.db_up.set(1);
         let mut batch = Vec::with_capacity(self.batch_size);
@@ -494,11 +506,11 @@ impl WriterLoop {
             }
             if !batch.is_empty() {
                 self.depth.sub(batch.len() as i64);
-                self.commit_with_retry(&mut conn, &mut batch);
+                self.commit_with_retry(&mut db, &mut batch);
             }
             if let Some(keep) = self.retention {
                 if std::time::Instant::now() >= retention_due {
-                    match prune_chunk(&conn, keep) {
+                    match db.connection().and_then(|c| prune_chunk(c, keep)) {
                         Ok(true) => {}
                         Ok(false) => retention_due = std::time::Instant::now() + RETENTION_EVERY,
                         Err(e) => {
@@ -510,25 +522,23 @@ impl WriterLoop {
             }
         }
         self.status.running.store(false, Ordering::SeqCst);
-        // A clean close checkpoints the WAL into the main file.
-        if let Err((_, e)) = conn.close() {
-            warn!(error = %e, "closing the database failed");
-        }
+        db.close();
         debug!("writer stopped");
     }
 
     /// Commits a batch, retrying with backoff while the database fails. Rows
     /// keep arriving in the bounded queue meanwhile; when it fills, ingest
     /// counts the drops, so nothing is lost silently and nothing blocks.
-    fn commit_with_retry(&self, conn: &mut Connection, batch: &mut Vec<Row>) {
+    fn commit_with_retry(&self, db: &mut Db, batch: &mut Vec<Row>) {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            match write_batch(conn, batch) {
+            let result = db.connection().and_then(|c| write_batch(c, batch));
+            match result {
                 Ok(()) => {
                     self.rows_written.inc_by(batch.len() as u64);
                     if self.db_up.get() == 0 {
-                        info!(rows = batch.len(), "database writes recovered");
+                        info!(rows = batch.len(), attempts = attempt + 1, "database writes recovered");
                     }
                     self.db_up.set(1);
                     batch.clear();
@@ -538,9 +548,10 @@ impl WriterLoop {
                     attempt += 1;
                     self.write_errors.inc();
                     if self.db_up.get() == 1 {
-                        error!(error = %e, rows = batch.len(), "database write failed; retrying with backoff");
+                        error!(error = %e, rows = batch.len(), "database write failed; rows stay queued, retrying with backoff");
                     }
                     self.db_up.set(0);
+                    db.after_error(&e);
                     if self.shutting_down.load(Ordering::SeqCst) && attempt >= SHUTDOWN_RETRIES {
                         error!(rows = batch.len(), "giving up on the database during shutdown; rows dropped");
                         self.dropped_db.inc_by(batch.len() as u64);
@@ -556,9 +567,90 @@ impl WriterLoop {
     }
 }
 
+/// The writer's handle on the database: reopens it after failures that a
+/// fresh connection may cure (file made read-only, replaced, or its
+/// directory gone and back), and notices when the file it writes to is no
+/// longer the one at the configured path — writes to an unlinked file would
+/// otherwise succeed and vanish with it.
+struct Db {
+    path: PathBuf,
+    options: DbOptions,
+    conn: Option<Connection>,
+    inode: Option<u64>,
+    checked: std::time::Instant,
+}
+
+/// Settings for opening the database.
+#[derive(Debug, Clone, Copy)]
+pub struct DbOptions {
+    /// How long SQLite waits for another process's lock.
+    pub busy_timeout: Duration,
+    /// Most database pages (`PRAGMA max_page_count`); `None` for no limit.
+    pub max_pages: Option<u64>,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions { busy_timeout: BUSY_TIMEOUT, max_pages: None }
+    }
+}
+
+fn inode_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Db {
+    fn new(path: PathBuf, options: DbOptions) -> Db {
+        Db { path, options, conn: None, inode: None, checked: std::time::Instant::now() }
+    }
+
+    fn adopt(&mut self, conn: Connection) {
+        self.inode = inode_of(&self.path);
+        self.conn = Some(conn);
+    }
+
+    /// The open connection, reopening (and migrating) if needed.
+    fn connection(&mut self) -> Result<&mut Connection> {
+        if self.conn.is_some() && self.checked.elapsed() >= Duration::from_secs(1) {
+            self.checked = std::time::Instant::now();
+            if inode_of(&self.path) != self.inode {
+                error!(path = %self.path.display(), "database file vanished or was replaced; reopening");
+                self.conn = None;
+            }
+        }
+        if self.conn.is_none() {
+            let conn = open_with(&self.path, self.options)?;
+            info!(path = %self.path.display(), "database reopened");
+            self.adopt(conn);
+        }
+        // Set just above; a failed open returned early.
+        self.conn.as_mut().ok_or(Error::WriterGone)
+    }
+
+    /// Keeps the connection for contention (busy, locked) and a full disk,
+    /// which a new connection would not cure; drops it otherwise.
+    fn after_error(&mut self, e: &Error) {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull};
+        let keep = matches!(e, Error::Db(rusqlite::Error::SqliteFailure(f, _)) if matches!(f.code, DatabaseBusy | DatabaseLocked | DiskFull));
+        if !keep {
+            self.conn = None;
+        }
+    }
+
+    fn close(&mut self) {
+        // A clean close checkpoints the WAL into the main file.
+        if let Some(conn) = self.conn.take() {
+            if let Err((_, e)) = conn.close() {
+                warn!(error = %e, "closing the database failed");
+            }
+        }
+    }
+}
+
 /// Deletes at most one chunk of expired rows per table. Returns whether more
 /// remain; when none do, checkpoints the WAL so the file stops growing.
-fn prune_chunk(conn: &Connection, keep: Duration) -> rusqlite::Result<bool> {
+fn prune_chunk(conn: &Connection, keep: Duration) -> Result<bool> {
     let cutoff = format_time(unix_now() - keep.as_secs_f64());
     let mut more = false;
     let mut deleted = 0;
@@ -579,7 +671,7 @@ fn prune_chunk(conn: &Connection, keep: Duration) -> rusqlite::Result<bool> {
     Ok(more)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         for row in batch {
@@ -660,7 +752,7 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
             }
         }
     }
-    tx.commit()
+    Ok(tx.commit()?)
 }
 
 /// How `/api/usage` groups its sums.

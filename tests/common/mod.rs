@@ -49,11 +49,15 @@ pub fn binary() -> &'static str {
 /// child with a shared buffer collecting its stderr.
 pub fn spawn(dir: &Path, extra: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
     let mut cmd = Command::new(binary());
-    cmd.arg("--socket.path")
-        .arg(dir.join("monitor.sock"))
-        .arg("--db.path")
-        .arg(dir.join("monitor.db"))
-        .arg("--web.listen-address=127.0.0.1:0")
+    // Defaults for the test paths, unless the test sets its own.
+    let given = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
+    if !given("--socket.path") {
+        cmd.arg("--socket.path").arg(dir.join("monitor.sock"));
+    }
+    if !given("--db.path") {
+        cmd.arg("--db.path").arg(dir.join("monitor.db"));
+    }
+    cmd.arg("--web.listen-address=127.0.0.1:0")
         .arg("--log.level=info")
         .args(extra)
         .env_remove("RUST_LOG")
@@ -252,4 +256,17 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         let v = rest.strip_prefix(' ')?;
         v.trim().parse().ok()
     })
+}
+
+/// Runs the binary with `args` (e.g. `send heartbeat ...`) and returns its
+/// exit status, stderr and how long it took.
+pub fn run_binary(args: &[&str]) -> (ExitStatus, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new(binary())
+        .args(args)
+        .env_remove("KISSBOT_EXPORTER_SOCKET_PATH")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the binary");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
 }
