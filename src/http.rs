@@ -227,7 +227,9 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
                 Ok(d) => since = Some(unix_now() - d.as_secs_f64()),
                 Err(_) => match crate::store::parse_time(&v) {
                     Some(t) => since = Some(t),
-                    None => return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time")),
+                    None => {
+                        return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time"))
+                    }
                 },
             },
             "group_by" => match crate::store::GroupBy::parse(&v) {

@@ -197,14 +197,13 @@ impl PriceTable {
                 _ => return Err(err("needs exactly one of `name` or `pattern`".into())),
             }
         }
-        let own_default = match file.default {
-            Some(d) => Some(check_price(d.input, d.output, d.cached_input).map_err(|message| PricingError::Entry {
-                path: path.to_owned(),
-                index: 0,
-                message: format!("[default]: {message}"),
-            })?),
-            None => None,
-        };
+        let own_default =
+            match file.default {
+                Some(d) => Some(check_price(d.input, d.output, d.cached_input).map_err(|message| {
+                    PricingError::Entry { path: path.to_owned(), index: 0, message: format!("[default]: {message}") }
+                })?),
+                None => None,
+            };
         let mut entries = exact;
         entries.extend(globs);
         let use_base = file.builtin.unwrap_or(true);
@@ -373,7 +372,8 @@ mod tests {
     fn reported_cost_wins_and_unknown_models_can_be_unpriced() {
         let t = PriceTable::builtin();
         assert_eq!(t.cost("gpt-4", 1, 0, 1, Some(0.25)), (Some(0.25), CostSource::Reported));
-        let t = PriceTable::parse("unknown_models = \"unpriced\"", Path::new("f"), Some(PriceTable::builtin())).unwrap();
+        let t =
+            PriceTable::parse("unknown_models = \"unpriced\"", Path::new("f"), Some(PriceTable::builtin())).unwrap();
         assert_eq!(t.cost("mystery", 1, 0, 1, None), (None, CostSource::Unpriced));
         assert_eq!(t.cost("gpt-4", 1_000_000, 0, 0, None).1, CostSource::Table);
         let t = PriceTable::parse("builtin = false", Path::new("f"), Some(PriceTable::builtin())).unwrap();

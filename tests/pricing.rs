@@ -62,7 +62,10 @@ fn cost_is_the_same_in_metrics_database_and_api() {
     let v = |s: &str| metric_value(&m, s).unwrap_or_else(|| panic!("{s} missing\n{m}"));
     assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="a",model="vendor/ACME-large",feature="chat"}"#), 6.0));
     assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="a",model="acme-large",feature="cache"}"#), 5.4));
-    assert!(close(v(r#"kissbot_llm_cached_input_tokens_total{channel="a",model="acme-large",feature="cache"}"#), 400000.0));
+    assert!(close(
+        v(r#"kissbot_llm_cached_input_tokens_total{channel="a",model="acme-large",feature="cache"}"#),
+        400000.0
+    ));
     assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-small",feature="chat"}"#), 2.0));
     assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-large",feature="chat"}"#), 0.75));
     assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="c",model="mystery-model",feature="chat"}"#), 0.0));
@@ -70,20 +73,16 @@ fn cost_is_the_same_in_metrics_database_and_api() {
     assert_eq!(v(r#"kissbot_llm_errors_total{channel="c",model="mystery-model",feature="chat"}"#), 1.0);
     assert_eq!(v(r#"kissbot_llm_errors_total{channel="a",model="acme-large",feature="cache"}"#), 0.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_count{channel="a",model="vendor/ACME-large"}"#), 1.0);
-    assert_eq!(
-        v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="1"}"#),
-        0.0
-    );
-    assert_eq!(
-        v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="2"}"#),
-        1.0
-    );
+    assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="1"}"#), 0.0);
+    assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="2"}"#), 1.0);
     assert!(!m.contains(r#"kissbot_llm_request_duration_seconds_count{channel="b""#), "no latency, no observation");
 
     wait_until("six usage rows", Duration::from_secs(10), || e.count("SELECT COUNT(*) FROM llm_usage") == 6);
     let db = e.db();
     let rows: Vec<(String, String, Option<f64>, String, Option<String>, i64, String)> = db
-        .prepare("SELECT channel, model, cost_usd, cost_source, provider, tokens_cached, status FROM llm_usage ORDER BY id")
+        .prepare(
+            "SELECT channel, model, cost_usd, cost_source, provider, tokens_cached, status FROM llm_usage ORDER BY id",
+        )
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .unwrap()
