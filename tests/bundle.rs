@@ -1,0 +1,820 @@
+//! Checks the monitoring bundle (alert rules and their unit tests, Grafana
+//! dashboards and provisioning, Prometheus and Alertmanager configuration,
+//! Docker Compose stack) with the real tools where they are installed:
+//! `promtool` (Debian package `prometheus`), `amtool` (Debian package
+//! `prometheus-alertmanager`) and, optionally, `docker compose` or
+//! `docker-compose`.
+//!
+//! A missing `promtool` or `amtool` makes its tests print `SKIP: ...` and
+//! pass, unless the environment variable `CI` is set (and not `false` or
+//! `0`): then it fails them, so CI cannot go green without running them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------
+// Shared functions
+// ---------------------------------------------------------------------------
+
+/// The repository root.
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    let path = root().join(rel);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// True when a missing tool must fail the test instead of skipping it.
+fn strict() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
+        Err(_) => false,
+    }
+}
+
+/// Finds an executable on `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| {
+        fs::metadata(candidate).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    })
+}
+
+/// Writes a line to stderr past the test harness's output capture, so that
+/// it shows in a normal `cargo test` run.
+fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Returns the path of a required tool. When it is missing: prints a SKIP
+/// line and returns `None`, or panics when [`strict`] (CI).
+fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    if let Some(path) = which(name) {
+        return Some(path);
+    }
+    let msg = format!("{name} not installed (apt-get install {package})");
+    if strict() {
+        panic!("{msg}; CI is set, so a missing tool fails the test");
+    }
+    note(&format!("SKIP: {msg}"));
+    None
+}
+
+fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs a command in the repository root and panics with its output unless
+/// it succeeds. Returns the combined output.
+fn run_ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = cmd.current_dir(root()).output().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let text = output_text(&out);
+    assert!(out.status.success(), "{shown} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// Files in `dir` (relative to the root) whose name ends with `suffix`, sorted.
+fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
+    let path = root().join(dir);
+    let mut out: Vec<PathBuf> = fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", path.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no *{suffix} file in {dir}");
+    out
+}
+
+fn rule_files() -> Vec<PathBuf> {
+    files("alerts", ".yml")
+}
+
+fn rule_test_files() -> Vec<PathBuf> {
+    files("alerts/tests", ".yml")
+}
+
+fn dashboards() -> Vec<(PathBuf, Value)> {
+    files("grafana/dashboards", ".json")
+        .into_iter()
+        .map(|p| {
+            let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            let json: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", p.display()));
+            (p, json)
+        })
+        .collect()
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// Removes one level of YAML quoting from a scalar written on one line.
+fn unquote(s: &str) -> String {
+    let s = s.trim();
+    if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
+        s[1..s.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
+    } else if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
+        s[1..s.len() - 1].replace("''", "'")
+    } else {
+        s.to_owned()
+    }
+}
+
+/// The value of `key:` in a YAML mapping, written either on one line or as a
+/// `|` / `>` block scalar (the only forms used in this repository's rule
+/// files). Returns one entry per occurrence, in order.
+fn yaml_values(text: &str, key: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let prefix = format!("{key}:");
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start().trim_start_matches("- ");
+        if let Some(rest) = trimmed.strip_prefix(&prefix) {
+            let rest = rest.trim();
+            if rest.starts_with('|') || rest.starts_with('>') {
+                let key_indent = indent(line);
+                let mut block = Vec::new();
+                i += 1;
+                while i < lines.len() && (lines[i].trim().is_empty() || indent(lines[i]) > key_indent) {
+                    block.push(lines[i].trim());
+                    i += 1;
+                }
+                let sep = if rest.starts_with('>') { " " } else { "\n" };
+                out.push(block.join(sep).trim().to_owned());
+                continue;
+            }
+            out.push(unquote(rest));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Every PromQL expression of the rule files (`expr:` values).
+fn rule_exprs() -> Vec<String> {
+    rule_files().iter().flat_map(|p| yaml_values(&fs::read_to_string(p).expect("rule file"), "expr")).collect()
+}
+
+/// Every panel of a dashboard, including panels nested in collapsed rows.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    fn walk<'a>(list: &'a Value, out: &mut Vec<&'a Value>) {
+        for p in list.as_array().into_iter().flatten() {
+            out.push(p);
+            walk(&p["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+/// (panel title, expr) of every query target of a dashboard.
+fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in panels(dashboard) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = t["expr"].as_str() {
+                out.push((p["title"].as_str().unwrap_or("?").to_owned(), expr.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+fn variables(dashboard: &Value) -> Vec<&Value> {
+    dashboard["templating"]["list"].as_array().map(|l| l.iter().collect()).unwrap_or_default()
+}
+
+/// The query string of a template variable (string form or the object form
+/// of Grafana's Prometheus variable editor).
+fn variable_query(var: &Value) -> Option<&str> {
+    var["query"].as_str().or_else(|| var["query"]["query"].as_str())
+}
+
+/// The selector inside `label_values(SELECTOR, label)`, if any.
+fn label_values_selector(query: &str) -> Option<&str> {
+    let inner = query.trim().strip_prefix("label_values(")?.strip_suffix(')')?;
+    let (selector, _label) = inner.rsplit_once(',')?;
+    Some(selector.trim()).filter(|s| !s.is_empty())
+}
+
+/// Replaces Grafana's variables with values Prometheus accepts, so that a
+/// dashboard query can be checked by `promtool`.
+fn substitute_grafana_variables(expr: &str) -> String {
+    let mut s = expr.to_owned();
+    for (from, to) in [
+        ("$__rate_interval", "5m"),
+        ("${__rate_interval}", "5m"),
+        ("$__interval_ms", "60000"),
+        ("$__interval", "1m"),
+        ("${__interval}", "1m"),
+        ("$__range_s", "86400"),
+        ("${__range_s}", "86400"),
+        ("$__range_ms", "86400000"),
+        ("$__range", "1d"),
+        ("${__range}", "1d"),
+    ] {
+        s = s.replace(from, to);
+    }
+    // Remaining template variables ($name, ${name}, ${name:format}, [[name]])
+    // are label filters such as channel=~"$channel": any regex will do.
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(pos) = rest.find(['$', '[']) {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        let var_len = if let Some(t) = tail.strip_prefix("${") {
+            t.find('}').map(|end| end + 3)
+        } else if let Some(t) = tail.strip_prefix("[[") {
+            t.find("]]").map(|end| end + 4)
+        } else if let Some(t) = tail.strip_prefix('$') {
+            let n = t.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
+            (n > 0).then_some(n + 1)
+        } else {
+            None
+        };
+        match var_len {
+            Some(len) => {
+                out.push_str(".*");
+                rest = &tail[len..];
+            }
+            None => {
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Removes the string literals of a PromQL expression (label values).
+fn strip_strings(expr: &str) -> String {
+    let mut out = String::with_capacity(expr.len());
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in expr.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                    out.push(' ');
+                }
+            }
+            None if c == '"' || c == '\'' || c == '`' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// The `kissbot_*` metric names one PromQL expression refers to.
+///
+/// Histogram series suffixes (`_bucket`, `_sum`, `_count`) are removed, so a
+/// histogram is reported under its family name. Recording-rule names (they
+/// contain `:`) and label values (string literals) are ignored.
+fn metric_names_in(expr: &str) -> BTreeSet<String> {
+    let code = strip_strings(expr);
+    code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| token.starts_with("kissbot_") && !token.contains(':'))
+        .map(|token| {
+            let mut name = token;
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    name = base;
+                    break;
+                }
+            }
+            name.to_owned()
+        })
+        .collect()
+}
+
+/// Every `kissbot_*` metric family referenced by the alert and recording
+/// rules (`alerts/*.yml`) and the Grafana dashboards (panel queries and
+/// template variable queries in `grafana/dashboards/*.json`).
+///
+/// Names are family names as the exporter's `# TYPE` lines show them:
+/// `_bucket`/`_sum`/`_count` suffixes of histogram series are removed, and
+/// recording-rule names (which contain `:`) are not included. A test that
+/// scrapes a running exporter can compare this set with the families it
+/// exposes.
+pub fn referenced_metric_names() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for expr in rule_exprs() {
+        names.extend(metric_names_in(&expr));
+    }
+    for (_, dashboard) in dashboards() {
+        for (_, expr) in dashboard_exprs(&dashboard) {
+            names.extend(metric_names_in(&expr));
+        }
+        for var in variables(&dashboard) {
+            if let Some(q) = variable_query(var) {
+                names.extend(metric_names_in(q));
+            }
+        }
+    }
+    names
+}
+
+/// The metric families kissbot-exporter documents (histograms by family name).
+const EXPORTED_METRICS: &[&str] = &[
+    "kissbot_bot_up",
+    "kissbot_bot_status",
+    "kissbot_bot_last_heartbeat_timestamp_seconds",
+    "kissbot_bot_heartbeat_age_seconds",
+    "kissbot_bot_registered_timestamp_seconds",
+    "kissbot_bot_heartbeats_total",
+    "kissbot_bot_restarts_total",
+    "kissbot_bot_info",
+    "kissbot_bot_feature_enabled",
+    "kissbot_bot_process_alive",
+    "kissbot_bot_cpu_seconds_total",
+    "kissbot_bot_resident_memory_bytes",
+    "kissbot_bot_virtual_memory_bytes",
+    "kissbot_bot_process_start_time_seconds",
+    "kissbot_llm_requests_total",
+    "kissbot_llm_input_tokens_total",
+    "kissbot_llm_output_tokens_total",
+    "kissbot_llm_cost_usd_total",
+    "kissbot_llm_errors_total",
+    "kissbot_llm_request_duration_seconds",
+    "kissbot_llm_unpriced_requests_total",
+    "kissbot_exporter_build_info",
+    "kissbot_exporter_messages_total",
+    "kissbot_exporter_messages_rejected_total",
+    "kissbot_exporter_connections_total",
+    "kissbot_exporter_connections_active",
+    "kissbot_exporter_queue_depth",
+    "kissbot_exporter_queue_capacity",
+    "kissbot_exporter_events_dropped_total",
+    "kissbot_exporter_db_rows_written_total",
+    "kissbot_exporter_db_write_errors_total",
+    "kissbot_exporter_db_up",
+    "kissbot_exporter_bots",
+    "kissbot_exporter_sampler_duration_seconds",
+    "kissbot_exporter_sampler_last_success_timestamp_seconds",
+    "kissbot_exporter_label_overflow_total",
+    "kissbot_exporter_config_reloads_total",
+];
+
+/// Alerting rules of the rule files: name -> the text of its YAML block.
+fn alert_blocks() -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for path in rule_files() {
+        let text = fs::read_to_string(&path).expect("rule file");
+        let mut current: Option<(String, Vec<&str>)> = None;
+        for line in text.lines() {
+            let t = line.trim_start();
+            let starts_rule = t.starts_with("- alert:") || t.starts_with("- record:") || t.starts_with("- name:");
+            if starts_rule {
+                if let Some((name, body)) = current.take() {
+                    assert!(out.insert(name.clone(), body.join("\n")).is_none(), "alert {name} is defined twice");
+                }
+                if let Some(name) = t.strip_prefix("- alert:") {
+                    current = Some((unquote(name), vec![line]));
+                }
+            } else if let Some((_, body)) = current.as_mut() {
+                body.push(line);
+            }
+        }
+        if let Some((name, body)) = current.take() {
+            assert!(out.insert(name.clone(), body.join("\n")).is_none(), "alert {name} is defined twice");
+        }
+    }
+    out
+}
+
+/// Checks the range selectors of a dashboard query: `rate()` and friends use
+/// `$__rate_interval`, `increase()` uses `$__rate_interval` or `$__range`
+/// (totals over the dashboard's time range), and no fixed window appears.
+fn check_dashboard_windows(expr: &str) -> Result<(), String> {
+    let code = strip_strings(expr);
+    // Every range selector must be a Grafana interval variable.
+    let mut rest = code.as_str();
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..].find(']').ok_or_else(|| format!("unclosed '[' in {expr}"))? + open;
+        let window = rest[open + 1..close].trim();
+        if window != "$__rate_interval" && window != "$__range" {
+            return Err(format!("fixed or unknown range [{window}] in {expr}"));
+        }
+        rest = &rest[close + 1..];
+    }
+    // Which window each function call uses.
+    let bytes = code.as_bytes();
+    for func in ["irate", "rate", "increase", "delta", "idelta", "deriv"] {
+        let pattern = format!("{func}(");
+        let mut from = 0;
+        while let Some(found) = code[from..].find(&pattern) {
+            let start = from + found;
+            from = start + pattern.len();
+            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+                continue; // part of a longer name (e.g. "irate(" contains "rate(")
+            }
+            let mut depth = 1;
+            let mut end = from;
+            while end < bytes.len() && depth > 0 {
+                match bytes[end] {
+                    b'(' => depth += 1,
+                    b')' => depth -= 1,
+                    _ => {}
+                }
+                end += 1;
+            }
+            let args = &code[from..end.saturating_sub(1)];
+            let allowed: &[&str] = match func {
+                "increase" => &["[$__rate_interval]", "[$__range]"],
+                "rate" => &["[$__rate_interval]"],
+                _ => return Err(format!("use rate() or increase() instead of {func}() in {expr}")),
+            };
+            if !allowed.iter().any(|w| args.contains(w)) {
+                return Err(format!("{func}() must use one of {allowed:?} in {expr}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Alert rules
+// ---------------------------------------------------------------------------
+
+#[test]
+fn promtool_check_rules() {
+    let Some(promtool) = tool("promtool", "prometheus") else { return };
+    let out = run_ok(Command::new(promtool).arg("check").arg("rules").args(rule_files()));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn promtool_test_rules() {
+    let Some(promtool) = tool("promtool", "prometheus") else { return };
+    let out = run_ok(Command::new(promtool).arg("test").arg("rules").args(rule_test_files()));
+    assert!(!out.contains("FAILED"), "{out}");
+}
+
+#[test]
+fn alerts_follow_conventions() {
+    let alerts = alert_blocks();
+    assert!(alerts.len() >= 15, "expected the full alert set, found {:?}", alerts.keys());
+    let runbook = read("alerts/RUNBOOK.md");
+    let headings: BTreeSet<String> =
+        runbook.lines().filter_map(|l| l.strip_prefix("## ")).map(|h| h.trim().to_lowercase()).collect();
+    for (name, block) in &alerts {
+        assert!(
+            name.starts_with("KissBot")
+                && name.chars().all(|c| c.is_ascii_alphanumeric())
+                && name.chars().nth(7).is_some_and(|c| c.is_ascii_uppercase()),
+            "{name}: alert names are CamelCase and start with KissBot"
+        );
+        let get = |key: &str| yaml_values(block, key).into_iter().next();
+        assert!(get("for").is_some(), "{name}: every alert needs for:");
+        let severity = get("severity").unwrap_or_default();
+        assert!(
+            ["critical", "warning", "info"].contains(&severity.as_str()),
+            "{name}: severity must be critical, warning or info, not {severity:?}"
+        );
+        let summary = get("summary").unwrap_or_default();
+        assert!(!summary.is_empty() && !summary.contains("{{"), "{name}: summary must be static text");
+        let description = get("description").unwrap_or_default();
+        // The watchdog has nothing to say beyond that it fires.
+        if name != "KissBotWatchdog" {
+            assert!(description.contains("{{"), "{name}: description must be a template");
+        }
+        let lower = name.to_lowercase();
+        assert_eq!(
+            get("runbook_url").unwrap_or_default(),
+            format!("alerts/RUNBOOK.md#{lower}"),
+            "{name}: runbook_url must point at its runbook section"
+        );
+        assert!(headings.contains(&lower), "{name}: alerts/RUNBOOK.md has no '## {name}' section");
+    }
+    let watchdog = &alerts["KissBotWatchdog"];
+    assert!(watchdog.contains("vector(1)") && watchdog.contains("deadmansswitch: \"true\""), "{watchdog}");
+}
+
+#[test]
+fn recording_rules_are_named_level_metric_operation() {
+    let mut count = 0;
+    for path in rule_files() {
+        for name in yaml_values(&fs::read_to_string(&path).expect("rule file"), "record") {
+            let parts: Vec<&str> = name.split(':').collect();
+            assert_eq!(parts.len(), 3, "{name}: recording rules are named level:metric:operation");
+            assert!(parts[1].starts_with("kissbot_"), "{name}: the metric part names a kissbot_ metric");
+            assert!(!parts[1].ends_with("_total"), "{name}: drop _total after rate()");
+            assert!(!parts[2].is_empty(), "{name}: the operation part is empty");
+            count += 1;
+        }
+    }
+    assert!(count > 0, "no recording rule found");
+}
+
+#[test]
+fn every_alert_has_firing_and_silent_tests() {
+    // alertname -> (has a case where it fires, has a case where it must not)
+    let mut seen: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for path in rule_test_files() {
+        let text = fs::read_to_string(&path).expect("test file");
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let t = line.trim_start().trim_start_matches("- ");
+            if let Some(name) = t.strip_prefix("alertname:") {
+                current = Some(unquote(name));
+            } else if let Some(rest) = t.strip_prefix("exp_alerts:") {
+                let name = current.take().unwrap_or_else(|| panic!("{}: exp_alerts without alertname", path.display()));
+                let entry = seen.entry(name).or_default();
+                if rest.trim() == "[]" {
+                    entry.1 = true;
+                } else {
+                    entry.0 = true;
+                }
+            }
+        }
+    }
+    for name in alert_blocks().keys() {
+        let (fires, silent) = seen.get(name).copied().unwrap_or_default();
+        assert!(fires, "{name}: no unit test where it fires (alerts/tests/)");
+        assert!(silent, "{name}: no unit test where it must not fire (alerts/tests/)");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus and Alertmanager configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn prometheus_config_is_valid() {
+    let config = read("deploy/prometheus/prometheus.yml");
+    assert!(config.contains("job_name: kissbot-exporter"), "the scrape job must be named kissbot-exporter");
+    assert!(config.contains("exporter:8377"), "the exporter is scraped at exporter:8377");
+    assert!(config.contains("alertmanager:9093"), "alerts go to alertmanager:9093");
+    // The rule files are given as paths inside the Prometheus container,
+    // where docker-compose.yml mounts alerts/. Point them at the repository
+    // for the check.
+    const MOUNTED: &str = "/etc/prometheus/rules/";
+    assert!(config.contains(MOUNTED), "rule_files must use the mounted {MOUNTED} directory");
+    assert!(read("docker-compose.yml").contains(&format!("./alerts:{}", MOUNTED.trim_end_matches('/'))));
+    let Some(promtool) = tool("promtool", "prometheus") else { return };
+    let alerts = root().join("alerts");
+    let rewritten = config.replace(MOUNTED, &format!("{}/", alerts.display()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("prometheus.yml");
+    fs::write(&path, rewritten).expect("write config");
+    let out = run_ok(Command::new(promtool).arg("check").arg("config").arg(&path));
+    assert!(out.contains("rule files found"), "{out}");
+}
+
+#[test]
+fn alertmanager_config_is_valid() {
+    let Some(amtool) = tool("amtool", "prometheus-alertmanager") else { return };
+    let config = root().join("deploy/alertmanager/alertmanager.yml");
+    run_ok(Command::new(&amtool).arg("check-config").arg(&config));
+    // Routing: the watchdog goes to the dead man's switch, the rest by severity.
+    for (receiver, labels) in [
+        ("deadmansswitch", &["alertname=KissBotWatchdog", "severity=info", "deadmansswitch=true"][..]),
+        ("critical", &["alertname=KissBotDown", "severity=critical", "channel=alpha"][..]),
+        ("default", &["alertname=KissBotHeartbeatStale", "severity=warning", "channel=alpha"][..]),
+        ("default", &["alertname=KissBotLLMUnpricedModel", "severity=info", "model=m"][..]),
+    ] {
+        run_ok(
+            Command::new(&amtool)
+                .args(["config", "routes", "test"])
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--verify.receivers={receiver}"))
+                .args(labels),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Grafana
+// ---------------------------------------------------------------------------
+
+#[test]
+fn dashboards_are_well_formed() {
+    let mut uids = BTreeSet::new();
+    for (path, d) in dashboards() {
+        let name = path.display();
+        assert!(d.get("__inputs").is_none(), "{name}: remove __inputs (dashboards use a datasource variable)");
+        let uid = d["uid"].as_str().unwrap_or_default();
+        assert!(!uid.is_empty() && uid.len() <= 40, "{name}: needs a fixed uid");
+        assert!(uids.insert(uid.to_owned()), "{name}: uid {uid} is used twice");
+        assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()), "{name}: needs a title");
+
+        let vars = variables(&d);
+        let var = |n: &str| vars.iter().find(|v| v["name"] == n).copied();
+        let ds = var("datasource").unwrap_or_else(|| panic!("{name}: no datasource variable"));
+        assert_eq!(ds["type"], "datasource", "{name}");
+        assert_eq!(ds["query"], "prometheus", "{name}");
+        let channel = var("channel").unwrap_or_else(|| panic!("{name}: no channel variable"));
+        assert_eq!(channel["type"], "query", "{name}");
+        assert_eq!(
+            variable_query(channel).map(|q| q.replace(' ', "")).as_deref(),
+            Some("label_values(kissbot_bot_up,channel)"),
+            "{name}: channel variable query"
+        );
+        assert_eq!(channel["multi"], true, "{name}: channel is multi-value");
+        assert_eq!(channel["includeAll"], true, "{name}: channel includes All");
+        for v in &vars {
+            if v["type"] == "query" {
+                assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}: variable {}", v["name"]);
+            }
+        }
+
+        let mut targets = 0;
+        for p in panels(&d) {
+            let title = p["title"].as_str().unwrap_or("?");
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{name}: panel {title:?} datasource");
+            for t in p["targets"].as_array().into_iter().flatten() {
+                targets += 1;
+                assert_eq!(t["datasource"]["uid"], "${datasource}", "{name}: panel {title:?} target datasource");
+                let expr = t["expr"].as_str().unwrap_or_else(|| panic!("{name}: panel {title:?} target has no expr"));
+                assert!(!expr.contains("${datasource}"), "{name}: panel {title:?}: datasource in expr");
+                if let Err(e) = check_dashboard_windows(expr) {
+                    panic!("{name}: panel {title:?}: {e}");
+                }
+            }
+        }
+        assert!(targets > 10, "{name}: only {targets} queries");
+    }
+}
+
+#[test]
+fn dashboard_queries_parse() {
+    // Each query, with Grafana's variables replaced, becomes a recording rule
+    // in a temporary rule file that promtool parses.
+    let mut rules = String::from("groups:\n  - name: dashboard-queries\n    rules:\n");
+    let mut n = 0;
+    let mut add = |origin: String, expr: &str| {
+        let promql = substitute_grafana_variables(expr);
+        assert!(!promql.contains('$'), "{origin}: unreplaced variable in {promql}");
+        rules.push_str(&format!("      # {origin}\n      - record: dashboard:query_{n}:check\n"));
+        rules.push_str(&format!("        expr: {}\n", serde_json::to_string(&promql).expect("json string")));
+        n += 1;
+    };
+    for (path, d) in dashboards() {
+        let file = path.file_name().expect("file name").to_string_lossy().into_owned();
+        for (title, expr) in dashboard_exprs(&d) {
+            add(format!("{file} / {title}").replace('\n', " "), &expr);
+        }
+        for var in variables(&d) {
+            if let Some(selector) = variable_query(var).and_then(label_values_selector) {
+                add(format!("{file} / variable {}", var["name"]), selector);
+            }
+        }
+    }
+    assert!(n > 20, "only {n} dashboard queries found");
+    let Some(promtool) = tool("promtool", "prometheus") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dashboard-queries.yml");
+    fs::write(&path, &rules).expect("write rules");
+    let out = Command::new(promtool).arg("check").arg("rules").arg(&path).output().expect("run promtool");
+    assert!(out.status.success(), "a dashboard query does not parse:\n{}\n{rules}", output_text(&out));
+}
+
+#[test]
+fn grafana_provisioning_matches_the_stack() {
+    let ds = read("grafana/provisioning/datasources/prometheus.yml");
+    assert!(ds.contains("uid: kissbot-prometheus"), "fixed datasource uid");
+    assert!(ds.contains("url: http://prometheus:9090"), "datasource url");
+    let provider = read("grafana/provisioning/dashboards/kissbot.yml");
+    let path = yaml_values(&provider, "path").into_iter().next().expect("dashboard provider path");
+    let compose = read("docker-compose.yml");
+    assert!(
+        compose.contains(&format!("./grafana/dashboards:{path}")),
+        "docker-compose.yml must mount grafana/dashboards at {path}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Docker
+// ---------------------------------------------------------------------------
+
+/// Bind-mount sources (`./...`) of docker-compose.yml, found without a YAML
+/// parser: list items of the form `- ./host/path:/container/path[:mode]`.
+fn compose_bind_mounts(compose: &str) -> Vec<String> {
+    compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(unquote)
+        .filter(|item| item.starts_with("./") && item.contains(':'))
+        .map(|item| item.split(':').next().expect("split").to_owned())
+        .collect()
+}
+
+#[test]
+fn compose_file_is_consistent() {
+    let compose = read("docker-compose.yml");
+    let mounts = compose_bind_mounts(&compose);
+    assert!(mounts.len() >= 6, "expected the config mounts, found {mounts:?}");
+    for m in &mounts {
+        assert!(root().join(m).exists(), "docker-compose.yml mounts {m}, which does not exist");
+    }
+    assert!(root().join("Dockerfile").is_file(), "the exporter service builds the Dockerfile");
+    for line in compose.lines().map(str::trim) {
+        if let Some(image) = line.strip_prefix("image: ") {
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or_default();
+            assert!(
+                image.ends_with(":local") || tag.chars().any(|c| c.is_ascii_digit()),
+                "image {image} must be pinned to a version"
+            );
+        }
+        if line.starts_with("- \"") && line.contains(':') && line.split(':').count() == 3 {
+            assert!(line.starts_with("- \"127.0.0.1:"), "ports are published on 127.0.0.1 only: {line}");
+        }
+    }
+    for volume in ["kissbot-socket:/run/kissbot", "kissbot-data:/var/lib/kissbot"] {
+        assert!(compose.contains(volume), "docker-compose.yml must mount {volume}");
+    }
+
+    // The real parser, when available (no Docker engine is needed for `config`).
+    let candidates: Vec<Vec<&str>> = vec![vec!["docker", "compose"], vec!["docker-compose"]];
+    for cmd in candidates {
+        let Some(bin) = which(cmd[0]) else { continue };
+        let mut probe = Command::new(&bin);
+        probe.args(&cmd[1..]).arg("version");
+        if !probe.output().map(|o| o.status.success()).unwrap_or(false) {
+            continue;
+        }
+        run_ok(Command::new(&bin).args(&cmd[1..]).args(["-f", "docker-compose.yml", "config", "-q"]));
+        return;
+    }
+    note("NOTE: neither `docker compose` nor `docker-compose` is installed; checked docker-compose.yml structurally only");
+}
+
+#[test]
+fn dockerfile_builds_a_locked_release_and_runs_unprivileged() {
+    let dockerfile = read("Dockerfile");
+    for needle in [
+        "cargo build --release --locked",
+        "EXPOSE 8377",
+        "--web.listen-address=0.0.0.0:8377",
+        "--socket.path=/run/kissbot/kissbot_monitor.sock",
+        "--db.path=/var/lib/kissbot/kissbot_monitor.db",
+    ] {
+        assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    let user = dockerfile.lines().filter_map(|l| l.trim().strip_prefix("USER ")).last().expect("a USER line");
+    assert!(!user.starts_with("root") && !user.starts_with('0'), "the image must not run as root");
+    for line in dockerfile.lines().filter(|l| l.trim_start().starts_with("FROM ")) {
+        assert!(!line.contains(":latest") && line.contains(':'), "base images must be pinned: {line}");
+    }
+    let ignore = read(".dockerignore");
+    assert!(ignore.lines().any(|l| l.trim_end_matches('/') == "target"), ".dockerignore must exclude target");
+    assert!(ignore.lines().any(|l| l.trim_end_matches('/') == ".git"), ".dockerignore must exclude .git");
+}
+
+// ---------------------------------------------------------------------------
+// Metric names
+// ---------------------------------------------------------------------------
+
+#[test]
+fn referenced_metrics_are_exported() {
+    let names = referenced_metric_names();
+    for expected in ["kissbot_bot_up", "kissbot_llm_cost_usd_total", "kissbot_llm_request_duration_seconds"] {
+        assert!(names.contains(expected), "{expected} not found; extraction is broken: {names:?}");
+    }
+    let known: BTreeSet<String> = EXPORTED_METRICS.iter().map(|s| (*s).to_owned()).collect();
+    let unknown: Vec<&String> = names.difference(&known).collect();
+    assert!(unknown.is_empty(), "rules or dashboards use metrics the exporter does not expose: {unknown:?}");
+}
+
+#[test]
+fn metric_name_extraction() {
+    let names = metric_names_in(
+        r#"histogram_quantile(0.9, sum by (le) (rate(kissbot_llm_request_duration_seconds_bucket{job="kissbot_x"}[5m])))
+           / channel:kissbot_llm_cost_usd:rate5m + kissbot_bot_up"#,
+    );
+    let expected: BTreeSet<String> =
+        ["kissbot_llm_request_duration_seconds", "kissbot_bot_up"].iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(names, expected);
+    assert_eq!(
+        substitute_grafana_variables(r#"rate(x{c=~"$channel",m=~"${model:regex}"}[$__rate_interval]) / $__range_s"#),
+        r#"rate(x{c=~".*",m=~".*"}[5m]) / 86400"#
+    );
+    assert!(check_dashboard_windows("sum(rate(x[$__rate_interval]))").is_ok());
+    assert!(check_dashboard_windows("sum(increase(x[$__range]))").is_ok());
+    assert!(check_dashboard_windows("sum(rate(x[5m]))").is_err());
+    assert!(check_dashboard_windows("sum(rate(x[$__range]))").is_err());
+    assert!(check_dashboard_windows("sum(irate(x[$__rate_interval]))").is_err());
+}
