@@ -25,6 +25,21 @@ pub struct Config {
     #[arg(long = "socket.mode", env = "KISSBOT_EXPORTER_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
     pub socket_mode: u32,
 
+    /// Group that owns the socket (name or numeric gid); with mode 0660 only
+    /// its members (and the owner) can connect.
+    #[arg(long = "socket.group", env = "KISSBOT_EXPORTER_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Only these peer uids may send (comma-separated); empty allows every
+    /// process that can open the socket. Checked with SO_PEERCRED.
+    #[arg(long = "socket.allowed-uids", env = "KISSBOT_EXPORTER_SOCKET_ALLOWED_UIDS", value_delimiter = ',')]
+    pub socket_allowed_uids: Vec<u32>,
+
+    /// Compare each message's pid with the sending process's pid (when the
+    /// kernel can tell it): `off`, `warn` (count and log), `enforce` (reject).
+    #[arg(long = "socket.verify-pid", env = "KISSBOT_EXPORTER_SOCKET_VERIFY_PID", value_enum, default_value_t = VerifyPid::Warn)]
+    pub socket_verify_pid: VerifyPid,
+
     /// Most socket connections served at once; further ones are closed and counted.
     #[arg(long = "socket.max-connections", env = "KISSBOT_EXPORTER_SOCKET_MAX_CONNECTIONS", default_value_t = 8192)]
     pub socket_max_connections: usize,
@@ -112,6 +127,17 @@ pub struct Config {
     /// Log level or tracing filter directive (e.g. `info`, `debug`, `kissbot_exporter=debug`).
     #[arg(long = "log.level", env = "KISSBOT_EXPORTER_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// What to do when a message's pid is not the sending process's pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyPid {
+    /// Do not compare.
+    Off,
+    /// Count in `kissbot_exporter_peer_pid_mismatches_total` and log.
+    Warn,
+    /// Count, log, and reject the message (`peer_pid_mismatch`).
+    Enforce,
 }
 
 /// How log lines are written.

@@ -98,6 +98,14 @@ impl Event {
         }
     }
 
+    /// The pid the message names, if any.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Event::Register { pid, .. } | Event::Heartbeat { pid, .. } | Event::Unregister { pid, .. } => Some(*pid),
+            Event::LlmUsage(u) => u.pid,
+        }
+    }
+
     /// The channel the message is about.
     pub fn channel(&self) -> &str {
         match self {
@@ -144,11 +152,13 @@ pub enum Reason {
     PidMismatch,
     /// A new bot could not be tracked because the bot limit is reached.
     TooManyBots,
+    /// The message's pid is not the sending process (`--socket.verify-pid=enforce`).
+    PeerPidMismatch,
 }
 
 impl Reason {
     /// Every reason, for pre-registering label values.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::InvalidUtf8,
         Reason::InvalidJson,
         Reason::LineTooLong,
@@ -160,6 +170,7 @@ impl Reason {
         Reason::LabelTooLong,
         Reason::PidMismatch,
         Reason::TooManyBots,
+        Reason::PeerPidMismatch,
     ];
 
     /// The label value.
@@ -176,6 +187,7 @@ impl Reason {
             Reason::LabelTooLong => "label_too_long",
             Reason::PidMismatch => "pid_mismatch",
             Reason::TooManyBots => "too_many_bots",
+            Reason::PeerPidMismatch => "peer_pid_mismatch",
         }
     }
 }

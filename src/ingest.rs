@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::config::VerifyPid;
 use crate::error::{Error, Result};
-use crate::event::{parse_line, Reason, Rejection};
+use crate::event::{parse_line, Event, Reason, Rejection};
 use crate::metrics::Metrics;
 use crate::state::State;
 use crate::store::{unix_now, Row, Sink};
@@ -42,6 +43,10 @@ pub struct IngestConfig {
     pub idle_timeout: Duration,
     /// Most connections served at once.
     pub max_connections: usize,
+    /// Peer uids allowed to send; empty allows all.
+    pub allowed_uids: Vec<u32>,
+    /// Whether to compare message pids with the peer's pid.
+    pub verify_pid: VerifyPid,
 }
 
 /// Everything a connection handler needs, shared by all of them.
@@ -70,7 +75,10 @@ impl Ingest {
                 continue;
             }
             match parse_line(line) {
-                Ok(event) => events.push(event),
+                Ok(event) => match self.check_peer(&event, peer_pid) {
+                    Ok(()) => events.push(event),
+                    Err(r) => self.reject(&r),
+                },
                 Err(r) => self.reject(&r),
             }
         }
@@ -96,6 +104,27 @@ impl Ingest {
         for row in rows {
             self.sink.send(row);
         }
+    }
+
+    /// Compares the message's pid with the sending process, when the kernel
+    /// names it (a peer in another pid namespace reads as 0 and is skipped).
+    fn check_peer(&self, event: &Event, peer_pid: Option<u32>) -> std::result::Result<(), Rejection> {
+        if self.config.verify_pid == VerifyPid::Off {
+            return Ok(());
+        }
+        let (Some(peer), Some(pid)) = (peer_pid.filter(|p| *p != 0), event.pid()) else { return Ok(()) };
+        if peer == pid {
+            return Ok(());
+        }
+        self.metrics.peer_pid_mismatches.inc();
+        let detail = format!("channel {:?} claims pid {pid} but the sender is pid {peer}", event.channel());
+        if self.config.verify_pid == VerifyPid::Enforce {
+            return Err(Rejection::new(Reason::PeerPidMismatch, detail));
+        }
+        if let Some(suppressed) = self.bad_input_log.allow() {
+            warn!(reason = "peer_pid_mismatch", detail = %detail, suppressed, "message pid is not the sender's pid");
+        }
+        Ok(())
     }
 
     /// Counts a rejected line and logs it, rate-limited.
@@ -184,7 +213,7 @@ impl Drop for SocketGuard {
 /// socket from a crashed run is replaced; a path that is not a socket is
 /// never removed. The mode applies from the first instant (umask around
 /// `bind`, not `chmod` after), so there is no window with wider permissions.
-pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard)> {
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener, SocketGuard)> {
     let bind_err = |source| Error::SocketBind { path: path.to_owned(), source };
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -225,6 +254,11 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard)> {
     unsafe { libc::umask(old) };
     let std_listener = bound.map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
+    if let Some(gid) = group {
+        // The mode was already restrictive at creation, so handing the file
+        // to a group only ever widens access to that group.
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_err)?;
+    }
     let inode = std::fs::symlink_metadata(path).map_err(bind_err)?.ino();
     let listener = UnixListener::from_std(std_listener).map_err(bind_err)?;
     Ok((listener, SocketGuard { path: path.to_owned(), inode, _lock: lock, removed: AtomicBool::new(false) }))
@@ -279,6 +313,17 @@ fn admit(
     shutdown: &CancellationToken,
     limit_log: &RateLimitedLog,
 ) {
+    let cred = stream.peer_cred().ok();
+    if !ingest.config.allowed_uids.is_empty() && !cred.is_some_and(|c| ingest.config.allowed_uids.contains(&c.uid())) {
+        ingest.metrics.connections_rejected.with_label_values(&["uid"]).inc();
+        if let Some(suppressed) = limit_log.allow() {
+            warn!(uid = cred.map(|c| c.uid()), suppressed, "connection from a uid not in --socket.allowed-uids closed");
+        }
+        return;
+    }
+    // The kernel's word on who is sending; 0 means the peer lives in a pid
+    // namespace the exporter cannot see.
+    let peer_pid = cred.and_then(|c| c.pid()).map(|p| u32::try_from(p).unwrap_or(0));
     let Ok(permit) = permits.clone().try_acquire_owned() else {
         ingest.metrics.connections_rejected.with_label_values(&["limit"]).inc();
         if let Some(suppressed) = limit_log.allow() {
@@ -294,7 +339,7 @@ fn admit(
     let ingest = ingest.clone();
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
-        handle(stream, &ingest, shutdown).await;
+        handle(stream, &ingest, shutdown, peer_pid).await;
         ingest.metrics.connections_active.dec();
         drop(permit);
     });
@@ -302,11 +347,8 @@ fn admit(
 
 /// Reads one connection until EOF, idle timeout, error, or the end of the
 /// shutdown grace period.
-async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken) {
+async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken, peer_pid: Option<u32>) {
     let max = ingest.config.max_line_bytes;
-    // The kernel's word on who is sending; 0 means the peer lives in a pid
-    // namespace the exporter cannot see.
-    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).map(|p| u32::try_from(p).unwrap_or(0));
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // True while skipping the rest of an over-long line.
     let mut discarding = false;

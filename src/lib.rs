@@ -13,6 +13,7 @@
 //! - [`store`]: the only code that touches SQLite, on its own writer thread.
 //! - [`sampler`]: CPU, memory and liveness of the bots' processes, on its own thread.
 //! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
+//! - [`client`]: a fire-and-forget client for bots in Rust, and `kissbot-exporter send`.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
 //! - [`error`]: the crate's error type.
 //!
@@ -20,6 +21,7 @@
 //! bound addresses tests can read; [`run`] is `start` plus waiting for a
 //! shutdown future, which is all the binary does.
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -130,7 +132,8 @@ pub async fn start(config: Config) -> Result<Running> {
     metrics.queue_capacity.set(config.queue_capacity as i64);
     // The socket comes first: its bind changes the process umask briefly,
     // and no other thread creates files yet.
-    let (listener, guard) = ingest::bind(&config.socket_path, config.socket_mode)?;
+    let group = config.socket_group.as_deref().map(resolve_group).transpose()?;
+    let (listener, guard) = ingest::bind(&config.socket_path, config.socket_mode, group)?;
     let (http_listener, http_addr) = http::bind(config.web_listen_address).await?;
 
     let pricing = PriceTable::from_config(config.pricing_file.as_deref()).map_err(Error::Pricing)?;
@@ -184,6 +187,8 @@ pub async fn start(config: Config) -> Result<Running> {
             max_line_bytes: config.socket_max_line_bytes,
             idle_timeout: config.socket_idle_timeout,
             max_connections: config.socket_max_connections,
+            allowed_uids: config.socket_allowed_uids.clone(),
+            verify_pid: config.socket_verify_pid,
         },
         bad_input_log: RateLimitedLog::new(Duration::from_secs(1)),
     });
@@ -228,6 +233,27 @@ pub async fn start(config: Config) -> Result<Running> {
         sampler_stop,
         metrics,
     })
+}
+
+/// Resolves `--socket.group`: a numeric gid or a group name.
+pub fn resolve_group(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let invalid = |reason: &str| Error::Config { what: "--socket.group", reason: format!("{name:?}: {reason}") };
+    let c = std::ffi::CString::new(name).map_err(|_| invalid("contains a NUL byte"))?;
+    // SAFETY: getgrnam reads the group database and returns a pointer into
+    // static storage that stays valid until the next call; we copy the gid
+    // out at once, and start-up runs this on one thread.
+    let gid = unsafe {
+        let g = libc::getgrnam(c.as_ptr());
+        if g.is_null() {
+            None
+        } else {
+            Some((*g).gr_gid)
+        }
+    };
+    gid.ok_or_else(|| invalid("no such group"))
 }
 
 /// Runs the exporter until `shutdown` resolves, then drains and stops.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
     pub label_overflow: IntCounterVec,
+    /// Messages whose pid is not the sending process.
+    pub peer_pid_mismatches: IntCounter,
     /// Pricing reloads by outcome (`success`, `failure`).
     pub config_reloads: IntCounterVec,
     /// 1 if the last pricing (re)load succeeded.
@@ -123,6 +125,10 @@ impl Metrics {
                 opts("kissbot_exporter_label_overflow_total", "Events whose labels hit a cardinality limit, by label."),
                 &["label"],
             )?,
+            peer_pid_mismatches: IntCounter::with_opts(opts(
+                "kissbot_exporter_peer_pid_mismatches_total",
+                "Messages whose pid is not the pid of the process that sent them (possible spoofing).",
+            ))?,
             config_reloads: IntCounterVec::new(
                 opts("kissbot_exporter_config_reloads_total", "Pricing file reloads, by outcome."),
                 &["outcome"],
@@ -156,6 +162,7 @@ impl Metrics {
             m.label_overflow.with_label_values(&[l]);
         }
         m.connections_rejected.with_label_values(&["limit"]);
+        m.connections_rejected.with_label_values(&["uid"]);
         for o in ["success", "failure"] {
             m.config_reloads.with_label_values(&[o]);
         }
@@ -174,6 +181,7 @@ impl Metrics {
         r.register(Box::new(m.db_write_errors.clone()))?;
         r.register(Box::new(m.db_up.clone()))?;
         r.register(Box::new(m.label_overflow.clone()))?;
+        r.register(Box::new(m.peer_pid_mismatches.clone()))?;
         r.register(Box::new(m.config_reloads.clone()))?;
         r.register(Box::new(m.config_last_reload_successful.clone()))?;
         r.register(Box::new(m.sampler_duration.clone()))?;

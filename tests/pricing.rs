@@ -31,6 +31,9 @@ fn usage(channel: &str, model: &str, feature: &str, rest: &str) -> String {
     )
 }
 
+/// channel, model, cost_usd, cost_source, provider, tokens_cached, status
+type UsageRow = (String, String, Option<f64>, String, Option<String>, i64, String);
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
 }
@@ -79,7 +82,7 @@ fn cost_is_the_same_in_metrics_database_and_api() {
 
     wait_until("six usage rows", Duration::from_secs(10), || e.count("SELECT COUNT(*) FROM llm_usage") == 6);
     let db = e.db();
-    let rows: Vec<(String, String, Option<f64>, String, Option<String>, i64, String)> = db
+    let rows: Vec<UsageRow> = db
         .prepare(
             "SELECT channel, model, cost_usd, cost_source, provider, tokens_cached, status FROM llm_usage ORDER BY id",
         )
