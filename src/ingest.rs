@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::config::VerifyPid;
 use crate::error::{Error, Result};
 use crate::event::{parse_line, Event, Reason, Rejection};
+use crate::frame::Framer;
 use crate::metrics::Metrics;
 use crate::state::State;
 use crate::store::{unix_now, Row, Sink};
@@ -349,23 +350,19 @@ fn admit(
 /// shutdown grace period.
 async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken, peer_pid: Option<u32>) {
     let max = ingest.config.max_line_bytes;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    // True while skipping the rest of an over-long line.
-    let mut discarding = false;
+    let mut framer = Framer::new(max);
     let mut deadline: Option<Instant> = None;
     loop {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(8192.min(max + 1));
-        }
+        let buf = framer.buffer();
         let read = match deadline {
-            Some(d) => tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await,
+            Some(d) => tokio::time::timeout_at(d, stream.read_buf(buf)).await,
             None => tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     deadline = Some(Instant::now() + DRAIN_GRACE);
                     continue;
                 }
-                r = tokio::time::timeout(ingest.config.idle_timeout, stream.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout(ingest.config.idle_timeout, stream.read_buf(buf)) => r,
             },
         };
         let n = match read {
@@ -380,62 +377,18 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
             }
         };
         if n == 0 {
-            // EOF. A last line without a newline is still a line (a truncated
-            // one fails to parse and is counted).
-            if !discarding && !buf.is_empty() {
-                ingest.handle_lines(std::iter::once(&buf[..]), peer_pid);
+            if let Some(last) = framer.finish() {
+                ingest.handle_lines(std::iter::once(last), peer_pid);
             }
             return;
         }
-        let scan_from = buf.len() - n;
-        let Some(last_nl) = memchr::memrchr(b'\n', &buf[scan_from..]).map(|i| scan_from + i) else {
-            if buf.len() > max {
-                if !discarding {
-                    ingest.reject(&Rejection::new(
-                        Reason::LineTooLong,
-                        format!("line longer than {max} bytes; skipped up to the next newline"),
-                    ));
-                    discarding = true;
-                }
-                buf.clear();
-            }
-            continue;
-        };
-        let complete = &buf[..last_nl];
-        let mut lines = complete.split(|b| *b == b'\n');
-        if discarding {
-            // The first piece is the tail of the over-long line.
-            lines.next();
-            discarding = false;
-        }
-        let mut too_long = 0usize;
-        ingest.handle_lines(
-            lines.filter(|l| {
-                if l.len() > max {
-                    too_long += 1;
-                    false
-                } else {
-                    true
-                }
-            }),
-            peer_pid,
-        );
-        for _ in 0..too_long {
-            ingest.reject(&Rejection::new(Reason::LineTooLong, format!("line longer than {max} bytes")));
-        }
-        buf.drain(..=last_nl);
-        if buf.len() > max {
+        let frames = framer.scan(n);
+        ingest.handle_lines(frames.lines.iter().copied(), peer_pid);
+        for _ in 0..frames.too_long {
             ingest.reject(&Rejection::new(
                 Reason::LineTooLong,
                 format!("line longer than {max} bytes; skipped up to the next newline"),
             ));
-            discarding = true;
-            buf.clear();
-        }
-        // Do not let one huge read keep a large buffer alive for an idle
-        // long-lived connection.
-        if buf.is_empty() && buf.capacity() > 64 * 1024 {
-            buf = Vec::with_capacity(1024);
         }
     }
 }

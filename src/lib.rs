@@ -7,6 +7,8 @@
 //! - [`config`]: flags and environment variables (clap).
 //! - [`ingest`]: the Unix socket: safe bind, accept loop, per-connection line reader.
 //! - [`event`]: the wire messages and their validation; rejection reasons.
+//! - [`frame`]: JSON Lines framing with a bounded line length; pure, fuzzed.
+//! - `fuzz_support`: the properties the fuzz targets in `fuzz/` check (hidden).
 //! - [`state`]: the bot registry and LLM tallies; pure, clock passed in.
 //! - [`pricing`]: the LLM price table and cost computation.
 //! - [`metrics`]: the Prometheus registry and the collector over the state; no I/O.
@@ -25,6 +27,9 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
