@@ -125,7 +125,15 @@ impl Running {
         if let Err(e) = self.http_task.await {
             warn!(error = %e, "http task failed");
         }
-        info!(rows_written = self.metrics.db_rows_written.get(), "exporter stopped");
+        let m = &self.metrics;
+        let dropped: u64 =
+            ["queue_full", "writer_stopped", "db_error"].iter().map(|r| m.events_dropped.with_label_values(&[r]).get()).sum();
+        info!(
+            llm_usage_accepted = m.messages.with_label_values(&["llm_usage"]).get(),
+            rows_written = m.db_rows_written.get(),
+            rows_dropped = dropped,
+            "exporter stopped"
+        );
         Ok(())
     }
 }
