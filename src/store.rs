@@ -471,8 +471,12 @@ const RETENTION_TABLES: [&str; 3] = ["bot_metrics", "llm_usage", "bot_events"];
 /// milliseconds and queued rows are written between chunks.
 const RETENTION_CHUNK: usize = 2000;
 
-/// How often retention runs once it has caught up.
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// How often retention runs once it has caught up: a tenth of the retention
+/// period, between one second and ten minutes, so a short retention (tests,
+/// small disks) is kept as closely as a long one.
+fn retention_every(keep: Duration) -> Duration {
+    (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(600))
+}
 
 /// While the queue is disconnected (shutting down) a failing database is
 /// retried this many times before the remaining rows are counted as dropped.
@@ -484,7 +488,7 @@ impl WriterLoop {
         self.status.running.store(true, Ordering::SeqCst);
         self.db_up.set(1);
         let mut batch = Vec::with_capacity(self.batch_size);
-        // Retention runs right after start, then every RETENTION_EVERY; while
+        // Retention runs right after start, then every `retention_every`; while
         // it has a backlog it deletes one chunk per loop turn, so queued rows
         // are never stuck behind a long delete.
         let mut retention_due = std::time::Instant::now();
@@ -512,7 +516,7 @@ impl WriterLoop {
                 if std::time::Instant::now() >= retention_due {
                     match db.connection().and_then(|c| prune_chunk(c, keep)) {
                         Ok(true) => {}
-                        Ok(false) => retention_due = std::time::Instant::now() + RETENTION_EVERY,
+                        Ok(false) => retention_due = std::time::Instant::now() + retention_every(keep),
                         Err(e) => {
                             warn!(error = %e, "retention failed; retrying later");
                             retention_due = std::time::Instant::now() + Duration::from_secs(60);
