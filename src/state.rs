@@ -569,11 +569,14 @@ impl State {
             self.bots.remove(channel);
             info!(channel = %channel, "bot series expired");
         }
-        if !expired.is_empty() || !self.llm.is_empty() {
-            let bots = &self.bots;
-            self.llm.retain(|(c, _, _), s| bots.contains_key(c) || now - s.updated_at <= expiry);
-            let llm = &self.llm;
-            self.latency.retain(|(c, m), _| llm.keys().any(|(lc, lm, _)| lc == c && lm == m));
+        let bots = &self.bots;
+        let before = self.llm.len();
+        self.llm.retain(|(c, _, _), s| bots.contains_key(c) || now - s.updated_at <= expiry);
+        if self.llm.len() != before {
+            // A histogram lives as long as some series of its (channel, model).
+            let live: std::collections::HashSet<(&str, &str)> =
+                self.llm.keys().map(|(c, m, _)| (c.as_str(), m.as_str())).collect();
+            self.latency.retain(|(c, m), _| live.contains(&(c.as_str(), m.as_str())));
         }
     }
 
