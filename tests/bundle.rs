@@ -14,16 +14,14 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use serde_json::Value;
+// Reading the rule files and dashboards, and `referenced_metric_names()`,
+// shared with tests/bundle_e2e.rs.
+mod bundle_support;
+use bundle_support::*;
 
 // ---------------------------------------------------------------------------
 // Shared functions
 // ---------------------------------------------------------------------------
-
-/// The repository root.
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn read(rel: &str) -> String {
     let path = root().join(rel);
@@ -82,126 +80,8 @@ fn run_ok(cmd: &mut Command) -> String {
     text
 }
 
-/// Files in `dir` (relative to the root) whose name ends with `suffix`, sorted.
-fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
-    let path = root().join(dir);
-    let mut out: Vec<PathBuf> = fs::read_dir(&path)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", path.display()))
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
-        .collect();
-    out.sort();
-    assert!(!out.is_empty(), "no *{suffix} file in {dir}");
-    out
-}
-
-fn rule_files() -> Vec<PathBuf> {
-    files("alerts", ".yml")
-}
-
 fn rule_test_files() -> Vec<PathBuf> {
     files("alerts/tests", ".yml")
-}
-
-fn dashboards() -> Vec<(PathBuf, Value)> {
-    files("grafana/dashboards", ".json")
-        .into_iter()
-        .map(|p| {
-            let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-            let json: Value =
-                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", p.display()));
-            (p, json)
-        })
-        .collect()
-}
-
-fn indent(line: &str) -> usize {
-    line.len() - line.trim_start().len()
-}
-
-/// Removes one level of YAML quoting from a scalar written on one line.
-fn unquote(s: &str) -> String {
-    let s = s.trim();
-    if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
-        s[1..s.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
-    } else if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
-        s[1..s.len() - 1].replace("''", "'")
-    } else {
-        s.to_owned()
-    }
-}
-
-/// The value of `key:` in a YAML mapping, written either on one line or as a
-/// `|` / `>` block scalar (the only forms used in this repository's rule
-/// files). Returns one entry per occurrence, in order.
-fn yaml_values(text: &str, key: &str) -> Vec<String> {
-    let lines: Vec<&str> = text.lines().collect();
-    let prefix = format!("{key}:");
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        let trimmed = line.trim_start().trim_start_matches("- ");
-        if let Some(rest) = trimmed.strip_prefix(&prefix) {
-            let rest = rest.trim();
-            if rest.starts_with('|') || rest.starts_with('>') {
-                let key_indent = indent(line);
-                let mut block = Vec::new();
-                i += 1;
-                while i < lines.len() && (lines[i].trim().is_empty() || indent(lines[i]) > key_indent) {
-                    block.push(lines[i].trim());
-                    i += 1;
-                }
-                let sep = if rest.starts_with('>') { " " } else { "\n" };
-                out.push(block.join(sep).trim().to_owned());
-                continue;
-            }
-            out.push(unquote(rest));
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Every PromQL expression of the rule files (`expr:` values).
-fn rule_exprs() -> Vec<String> {
-    rule_files().iter().flat_map(|p| yaml_values(&fs::read_to_string(p).expect("rule file"), "expr")).collect()
-}
-
-/// Every panel of a dashboard, including panels nested in collapsed rows.
-fn panels(dashboard: &Value) -> Vec<&Value> {
-    fn walk<'a>(list: &'a Value, out: &mut Vec<&'a Value>) {
-        for p in list.as_array().into_iter().flatten() {
-            out.push(p);
-            walk(&p["panels"], out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(&dashboard["panels"], &mut out);
-    out
-}
-
-/// (panel title, expr) of every query target of a dashboard.
-fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for p in panels(dashboard) {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            if let Some(expr) = t["expr"].as_str() {
-                out.push((p["title"].as_str().unwrap_or("?").to_owned(), expr.to_owned()));
-            }
-        }
-    }
-    out
-}
-
-fn variables(dashboard: &Value) -> Vec<&Value> {
-    dashboard["templating"]["list"].as_array().map(|l| l.iter().collect()).unwrap_or_default()
-}
-
-/// The query string of a template variable (string form or the object form
-/// of Grafana's Prometheus variable editor).
-fn variable_query(var: &Value) -> Option<&str> {
-    var["query"].as_str().or_else(|| var["query"]["query"].as_str())
 }
 
 /// The selector inside `label_values(SELECTOR, label)`, if any.
@@ -259,79 +139,6 @@ fn substitute_grafana_variables(expr: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// Removes the string literals of a PromQL expression (label values).
-fn strip_strings(expr: &str) -> String {
-    let mut out = String::with_capacity(expr.len());
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for c in expr.chars() {
-        match quote {
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
-                    out.push(' ');
-                }
-            }
-            None if c == '"' || c == '\'' || c == '`' => quote = Some(c),
-            None => out.push(c),
-        }
-    }
-    out
-}
-
-/// The `kissbot_*` metric names one PromQL expression refers to.
-///
-/// Histogram series suffixes (`_bucket`, `_sum`, `_count`) are removed, so a
-/// histogram is reported under its family name. Recording-rule names (they
-/// contain `:`) and label values (string literals) are ignored.
-fn metric_names_in(expr: &str) -> BTreeSet<String> {
-    let code = strip_strings(expr);
-    code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|token| token.starts_with("kissbot_") && !token.contains(':'))
-        .map(|token| {
-            let mut name = token;
-            for suffix in ["_bucket", "_sum", "_count"] {
-                if let Some(base) = name.strip_suffix(suffix) {
-                    name = base;
-                    break;
-                }
-            }
-            name.to_owned()
-        })
-        .collect()
-}
-
-/// Every `kissbot_*` metric family referenced by the alert and recording
-/// rules (`alerts/*.yml`) and the Grafana dashboards (panel queries and
-/// template variable queries in `grafana/dashboards/*.json`).
-///
-/// Names are family names as the exporter's `# TYPE` lines show them:
-/// `_bucket`/`_sum`/`_count` suffixes of histogram series are removed, and
-/// recording-rule names (which contain `:`) are not included. A test that
-/// scrapes a running exporter can compare this set with the families it
-/// exposes.
-pub fn referenced_metric_names() -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for expr in rule_exprs() {
-        names.extend(metric_names_in(&expr));
-    }
-    for (_, dashboard) in dashboards() {
-        for (_, expr) in dashboard_exprs(&dashboard) {
-            names.extend(metric_names_in(&expr));
-        }
-        for var in variables(&dashboard) {
-            if let Some(q) = variable_query(var) {
-                names.extend(metric_names_in(q));
-            }
-        }
-    }
-    names
 }
 
 /// The metric families kissbot-exporter documents (histograms by family name).
@@ -774,7 +581,7 @@ fn dockerfile_builds_a_locked_release_and_runs_unprivileged() {
     ] {
         assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
     }
-    let user = dockerfile.lines().filter_map(|l| l.trim().strip_prefix("USER ")).last().expect("a USER line");
+    let user = dockerfile.lines().filter_map(|l| l.trim().strip_prefix("USER ")).next_back().expect("a USER line");
     assert!(!user.starts_with("root") && !user.starts_with('0'), "the image must not run as root");
     for line in dockerfile.lines().filter(|l| l.trim_start().starts_with("FROM ")) {
         assert!(!line.contains(":latest") && line.contains(':'), "base images must be pinned: {line}");
