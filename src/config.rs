@@ -76,6 +76,15 @@ pub struct Config {
     #[arg(long = "web.telemetry-path", env = "KISSBOT_EXPORTER_WEB_TELEMETRY_PATH", default_value = "/metrics")]
     pub web_telemetry_path: String,
 
+    /// Web configuration file (exporter-toolkit YAML): TLS and basic authentication.
+    #[arg(long = "web.config.file", env = "KISSBOT_EXPORTER_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+
+    /// Most HTTP connections open at once; when full, the one idle longest
+    /// (or still sending its request) is closed to make room.
+    #[arg(long = "web.max-connections", env = "KISSBOT_EXPORTER_WEB_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub web_max_connections: u32,
+
     /// A bot without a heartbeat for this long is marked stale.
     #[arg(long = "heartbeat.stale-after", env = "KISSBOT_EXPORTER_HEARTBEAT_STALE_AFTER", default_value = "90s", value_parser = parse_duration)]
     pub heartbeat_stale_after: Duration,

@@ -15,6 +15,7 @@
 //! - [`store`]: the only code that touches SQLite, on its own writer thread.
 //! - [`sampler`]: CPU, memory and liveness of the bots' processes, on its own thread.
 //! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
+//! - [`web_config`]: the `--web.config.file` YAML: TLS and basic authentication.
 //! - [`client`]: a fire-and-forget client for bots in Rust, and `kissbot-exporter send`.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
 //! - [`error`]: the crate's error type.
@@ -38,6 +39,7 @@ pub mod sampler;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod web_config;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -126,8 +128,10 @@ impl Running {
             warn!(error = %e, "http task failed");
         }
         let m = &self.metrics;
-        let dropped: u64 =
-            ["queue_full", "writer_stopped", "db_error"].iter().map(|r| m.events_dropped.with_label_values(&[r]).get()).sum();
+        let dropped: u64 = ["queue_full", "writer_stopped", "db_error"]
+            .iter()
+            .map(|r| m.events_dropped.with_label_values(&[r]).get())
+            .sum();
         info!(
             llm_usage_accepted = m.messages.with_label_values(&["llm_usage"]).get(),
             rows_written = m.db_rows_written.get(),
@@ -141,6 +145,8 @@ impl Running {
 /// Binds the socket and the HTTP port, opens the database, restores known
 /// bots and starts serving. Returns once everything listens.
 pub async fn start(config: Config) -> Result<Running> {
+    let web = web_config::WebConfig::load_optional(config.web_config_file.as_deref())
+        .map_err(|e| Error::Config { what: "--web.config.file", reason: e.to_string() })?;
     let metrics = Metrics::new()?;
     metrics.queue_capacity.set(config.queue_capacity as i64);
     // The socket comes first: its bind changes the process umask briefly,
@@ -230,7 +236,8 @@ pub async fn start(config: Config) -> Result<Running> {
         socket_listening: listening,
         writer: writer_status,
     });
-    let http_task = tokio::spawn(http::serve(http_listener, app, token.clone()));
+    let limits = http::Limits { max_connections: config.web_max_connections as usize };
+    let http_task = tokio::spawn(http::serve(http_listener, app, web, limits, token.clone()));
     tokio::spawn(reload_on_sighup(reloader, token.clone()));
     Ok(Running {
         http_addr,
