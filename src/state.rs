@@ -561,7 +561,18 @@ impl State {
             } else if bot.dirty && now - bot.persisted_at >= PERSIST_INTERVAL {
                 out.push(bot.status_row(now));
             }
-            if matches!(bot.status, Status::Offline | Status::Dead) && now - bot.status_since > expiry {
+            // Offline and dead bots keep their series for the expiry period so
+            // dashboards and alerts see what happened. A stale bot is kept as
+            // long again past its stale point — it may be hung and paging —
+            // but not forever: bots that crash where they cannot be sampled
+            // (other containers) would otherwise pile up to the bot limit and
+            // lock new bots out.
+            let gone = match bot.status {
+                Status::Offline | Status::Dead => now - bot.status_since > expiry,
+                Status::Stale => now - bot.last_heartbeat > stale_after + expiry,
+                Status::Online => false,
+            };
+            if gone {
                 expired.push(bot.channel.clone());
             }
         }

@@ -631,7 +631,7 @@ mod tests {
     /// section moves to another file, point `include_str!` there.)
     #[tokio::test]
     async fn documented_example_loads() {
-        let doc = include_str!("../docs/SECURITY-http.md");
+        let doc = include_str!("../SECURITY.md");
         let yaml = doc
             .split("```yaml\n")
             .skip(1)

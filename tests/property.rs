@@ -152,7 +152,11 @@ impl Model {
                         Model::set(b, "stale", now);
                     }
                 }
-                self.bots.retain(|_, b| !(b.status == "offline" && now - b.since > EXPIRY));
+                self.bots.retain(|_, b| match b.status {
+                    "offline" => now - b.since <= EXPIRY,
+                    "stale" => now - b.last <= STALE + EXPIRY,
+                    _ => true,
+                });
                 let bots = &self.bots;
                 self.llm.retain(|(c, _), v| bots.contains_key(c) || now - v.2 <= EXPIRY);
             }
@@ -262,16 +266,8 @@ proptest! {
             let pid = model.bots.get(&format!("c{c}")).map(|b| b.pid).unwrap_or(1);
             let _ = state.lock().unwrap().apply(Event::Unregister { channel: format!("c{c}"), pid }, now, None, &mut rows);
         }
-        // Stale bots are kept on purpose (they may be hung); end their life as a clean unregister would.
-        for c in 0..4u8 {
-            let ch = format!("c{c}");
-            if let Some(b) = model.bots.get(&ch) {
-                let pid = b.pid;
-                let _ = state.lock().unwrap().apply(Event::Heartbeat { channel: ch.clone(), pid }, now, None, &mut rows);
-                let _ = state.lock().unwrap().apply(Event::Unregister { channel: ch, pid }, now, None, &mut rows);
-            }
-        }
-        state.lock().unwrap().tick(now + EXPIRY + 1.0, &mut rows);
+        // Offline bots expire after EXPIRY, stale ones after STALE + EXPIRY.
+        state.lock().unwrap().tick(now + STALE + EXPIRY + 1.0, &mut rows);
         let text = metrics.render();
         prop_assert_eq!(series(&text).len(), baseline, "series left behind:\n{}", text);
         prop_assert!(text.contains("kissbot_exporter_bots 0"));
