@@ -7,7 +7,7 @@
 //!
 //! The fleet: 200 long-lived bots heartbeating every second (30x the real
 //! rate), 100 LLM calls a second spread over them, and 5 short-lived bots a
-//! second that register, heartbeat over new connections, and unregister —
+//! second that register, heartbeat and unregister over a connection each —
 //! new channel names all the time, so expiry must keep the series bounded.
 //! Retention is 2 minutes, so the database must stop growing too.
 
@@ -50,7 +50,15 @@ fn soak() {
     let e = Exporter::start(&["--db.retention=2m", "--bot.expiry=30s", "--heartbeat.stale-after=10s"]);
     let mut fleet = UnixStream::connect(&e.socket).unwrap();
     for b in 0..200 {
-        fleet.write_all(format!("{{\"type\":\"register\",\"channel\":\"bot{b}\",\"pid\":{},\"features\":{{\"llm\":true}}}}\n", 1000 + b).as_bytes()).unwrap();
+        fleet
+            .write_all(
+                format!(
+                    "{{\"type\":\"register\",\"channel\":\"bot{b}\",\"pid\":{},\"features\":{{\"llm\":true}}}}\n",
+                    1000 + b
+                )
+                .as_bytes(),
+            )
+            .unwrap();
     }
     let started = Instant::now();
     // Past the 2-minute retention and one retention pass, the database is at its steady size.
@@ -76,9 +84,16 @@ fn soak() {
         for _ in 0..5 {
             churn += 1;
             let pid = 100_000 + churn;
-            e.send(&format!("{{\"type\":\"register\",\"channel\":\"tmp{churn}\",\"pid\":{pid},\"features\":{{}}}}"));
-            e.send(&format!("{{\"type\":\"heartbeat\",\"channel\":\"tmp{churn}\",\"pid\":{pid}}}"));
-            e.send(&format!("{{\"type\":\"unregister\",\"channel\":\"tmp{churn}\",\"pid\":{pid}}}"));
+            // One connection, so the three arrive in order (connections are
+            // not ordered with respect to each other).
+            e.send_raw(
+                format!(
+                    "{{\"type\":\"register\",\"channel\":\"tmp{churn}\",\"pid\":{pid},\"features\":{{}}}}\n\
+                     {{\"type\":\"heartbeat\",\"channel\":\"tmp{churn}\",\"pid\":{pid}}}\n\
+                     {{\"type\":\"unregister\",\"channel\":\"tmp{churn}\",\"pid\":{pid}}}\n"
+                )
+                .as_bytes(),
+            );
         }
         tick += 1;
         if first.is_none() && started.elapsed() >= warmup {
@@ -106,7 +121,8 @@ fn soak() {
     let b = read(&e);
     eprintln!("end: rss {} KiB, fds {}, series {}, db {} bytes", b.rss_kib, b.fds, b.series, b.db_bytes);
     let m = e.scrape();
-    for s in ["kissbot_exporter_db_write_errors_total", r#"kissbot_exporter_events_dropped_total{reason="queue_full"}"#] {
+    for s in ["kissbot_exporter_db_write_errors_total", r#"kissbot_exporter_events_dropped_total{reason="queue_full"}"#]
+    {
         assert_eq!(metric_value(&m, s), Some(0.0), "{s}");
     }
     // Flat: small slack for allocator noise and the churn's phase.
