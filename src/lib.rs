@@ -255,6 +255,43 @@ pub async fn start(config: Config) -> Result<Running> {
     })
 }
 
+/// Validates a configuration without starting anything: the pricing file,
+/// the web configuration, the socket group, and that the socket's and the
+/// database's directories exist. Returns one line per checked item.
+pub fn check_config(config: &Config) -> Result<Vec<String>> {
+    let mut report = Vec::new();
+    PriceTable::from_config(config.pricing_file.as_deref()).map_err(Error::Pricing)?;
+    report.push(match &config.pricing_file {
+        Some(p) => format!("pricing file {} ok", p.display()),
+        None => "pricing: embedded table".to_owned(),
+    });
+    web_config::WebConfig::load_optional(config.web_config_file.as_deref())
+        .map_err(|e| Error::Config { what: "--web.config.file", reason: e.to_string() })?;
+    report.push(match &config.web_config_file {
+        Some(p) => format!("web config {} ok", p.display()),
+        None => "web config: none (plain HTTP, no authentication)".to_owned(),
+    });
+    if let Some(g) = config.socket_group.as_deref() {
+        report.push(format!("socket group {g:?} is gid {}", resolve_group(g)?));
+    }
+    for (what, path) in [("--socket.path", &config.socket_path), ("--db.path", &config.db_path)] {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(Error::Config { what, reason: format!("directory {} does not exist", dir.display()) });
+        }
+    }
+    report.push(format!(
+        "socket {}, database {}, http {}",
+        config.socket_path.display(),
+        config.db_path.display(),
+        config.web_listen_address
+    ));
+    Ok(report)
+}
+
 /// Resolves `--socket.group`: a numeric gid or a group name.
 pub fn resolve_group(name: &str) -> Result<u32> {
     if let Ok(gid) = name.parse::<u32>() {

@@ -1,16 +1,36 @@
-//! The `kissbot-exporter` binary: flags, logging, then [`kissbot_exporter::run`].
+//! The `kissbot-exporter` binary: flags, logging, then [`kissbot_exporter::run`];
+//! or, with a subcommand, a one-shot client ([`kissbot_exporter::client::cli`]).
+
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use kissbot_exporter::client::cli::SendArgs;
 use kissbot_exporter::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Prometheus exporter and drop-in monitor for KissBot fleets.
+///
+/// Without a subcommand, runs the exporter with the flags below.
 #[derive(Parser)]
-#[command(name = "kissbot-exporter", version, about)]
+#[command(name = "kissbot-exporter", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Validate the flags, the pricing file and the web config, print a
+    /// summary, and exit (0 if valid, 1 if not) without starting.
+    #[arg(long = "check-config")]
+    check_config: bool,
+
     #[command(flatten)]
     config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send one message to a running exporter as a bot would; exit 0 if it was delivered, 1 if not.
+    Send(SendArgs),
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
@@ -38,8 +58,26 @@ fn raise_fd_limit() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Some(Command::Send(args)) = &cli.command {
+        return Ok(args.run());
+    }
+    if cli.check_config {
+        return Ok(match kissbot_exporter::check_config(&cli.config) {
+            Ok(report) => {
+                for line in report {
+                    println!("{line}");
+                }
+                println!("configuration ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invalid configuration: {e}");
+                ExitCode::FAILURE
+            }
+        });
+    }
     init_logging(&cli.config)?;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,5 +89,6 @@ fn main() -> anyhow::Result<()> {
     let socket = config.socket_path.clone();
     runtime
         .block_on(kissbot_exporter::run(config, kissbot_exporter::shutdown::signal()))
-        .with_context(|| format!("kissbot-exporter failed (socket {})", socket.display()))
+        .with_context(|| format!("kissbot-exporter failed (socket {})", socket.display()))?;
+    Ok(ExitCode::SUCCESS)
 }

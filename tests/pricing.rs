@@ -189,3 +189,29 @@ fn a_broken_pricing_file_stops_the_start_with_a_clear_error() {
         log.lock().unwrap().iter().any(|l| l.contains("entry 1") && l.contains("between 0 and"))
     });
 }
+
+#[test]
+fn check_config_validates_without_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.toml");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&good, PRICES).unwrap();
+    std::fs::write(&bad, "[[model]]\nname = \"x\"\ninput = 1.0\n").unwrap();
+    let socket = tmp.path().join("never.sock");
+    let run = |file: &std::path::Path| {
+        std::process::Command::new(binary())
+            .arg("--check-config")
+            .arg(format!("--pricing.file={}", file.display()))
+            .arg(format!("--socket.path={}", socket.display()))
+            .output()
+            .unwrap()
+    };
+    let ok = run(&good);
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration ok"));
+    let refused = run(&bad);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("invalid pricing file") && err.contains("missing field `output`"), "{err}");
+    assert!(!socket.exists(), "nothing was started");
+}
