@@ -43,7 +43,8 @@ fn load(socket: PathBuf, stop: Arc<AtomicBool>) -> Vec<JoinHandle<u64>> {
 }
 
 fn log_field(log: &str, line_marker: &str, field: &str) -> u64 {
-    let line = log.lines().rev().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no {line_marker:?} in\n{log}"));
+    let line =
+        log.lines().rev().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no {line_marker:?} in\n{log}"));
     let v = line.split(&format!("{field}=")).nth(1).unwrap_or_else(|| panic!("no {field} in {line}"));
     v.split_whitespace().next().unwrap().parse().unwrap()
 }
