@@ -141,7 +141,9 @@ fn substitute_grafana_variables(expr: &str) -> String {
     out
 }
 
-/// The metric families kissbot-exporter documents (histograms by family name).
+/// The metric families kissbot-exporter registers (histograms by family name;
+/// the standard `process_*` metrics are not listed). Must match the names in
+/// `src/metrics.rs`: see `exported_metrics_match_the_exporter_source`.
 const EXPORTED_METRICS: &[&str] = &[
     "kissbot_bot_up",
     "kissbot_bot_status",
@@ -161,6 +163,7 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_llm_input_tokens_total",
     "kissbot_llm_output_tokens_total",
     "kissbot_llm_cost_usd_total",
+    "kissbot_llm_cached_input_tokens_total",
     "kissbot_llm_errors_total",
     "kissbot_llm_request_duration_seconds",
     "kissbot_llm_unpriced_requests_total",
@@ -169,6 +172,7 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_messages_rejected_total",
     "kissbot_exporter_connections_total",
     "kissbot_exporter_connections_active",
+    "kissbot_exporter_connections_rejected_total",
     "kissbot_exporter_queue_depth",
     "kissbot_exporter_queue_capacity",
     "kissbot_exporter_events_dropped_total",
@@ -179,7 +183,9 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_sampler_duration_seconds",
     "kissbot_exporter_sampler_last_success_timestamp_seconds",
     "kissbot_exporter_label_overflow_total",
+    "kissbot_exporter_peer_pid_mismatches_total",
     "kissbot_exporter_config_reloads_total",
+    "kissbot_exporter_config_last_reload_successful",
 ];
 
 /// Alerting rules of the rule files: name -> the text of its YAML block.
@@ -397,6 +403,7 @@ fn alertmanager_config_is_valid() {
     for (receiver, labels) in [
         ("deadmansswitch", &["alertname=KissBotWatchdog", "severity=info", "deadmansswitch=true"][..]),
         ("critical", &["alertname=KissBotDown", "severity=critical", "channel=alpha"][..]),
+        ("critical", &["alertname=KissBotDead", "severity=critical", "channel=alpha", "status=dead"][..]),
         ("default", &["alertname=KissBotHeartbeatStale", "severity=warning", "channel=alpha"][..]),
         ("default", &["alertname=KissBotLLMUnpricedModel", "severity=info", "model=m"][..]),
     ] {
@@ -604,6 +611,35 @@ fn referenced_metrics_are_exported() {
     let known: BTreeSet<String> = EXPORTED_METRICS.iter().map(|s| (*s).to_owned()).collect();
     let unknown: Vec<&String> = names.difference(&known).collect();
     assert!(unknown.is_empty(), "rules or dashboards use metrics the exporter does not expose: {unknown:?}");
+}
+
+/// The `kissbot_*` names that appear as string literals in `src/metrics.rs`:
+/// the `Opts` of the exporter's own metrics and the `FAMILIES` rendered from
+/// the state. A new metric registered there without being added to
+/// [`EXPORTED_METRICS`] fails `exported_metrics_match_the_exporter_source`.
+fn metric_names_in_source() -> BTreeSet<String> {
+    let source = read("src/metrics.rs");
+    source
+        .split("\"kissbot_")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"'))
+        .map(|(name, _)| format!("kissbot_{name}"))
+        .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect()
+}
+
+#[test]
+fn exported_metrics_match_the_exporter_source() {
+    let listed: BTreeSet<String> = EXPORTED_METRICS.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(listed.len(), EXPORTED_METRICS.len(), "EXPORTED_METRICS has duplicates");
+    let source = metric_names_in_source();
+    assert!(source.len() >= 30, "found only {source:?} in src/metrics.rs; extraction is broken");
+    let missing: Vec<&String> = source.difference(&listed).collect();
+    let extra: Vec<&String> = listed.difference(&source).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "EXPORTED_METRICS in tests/bundle.rs is out of date with src/metrics.rs: add {missing:?}, remove {extra:?}"
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@
 //!    `deploy/` files. Every dashboard query must return data; a bot whose
 //!    heartbeats stop must raise `KissBotHeartbeatStale` in Alertmanager and
 //!    clear it when they resume; `KissBotWatchdog` must reach Alertmanager
-//!    and its dead man's switch receiver.
+//!    and its dead man's switch receiver; a refused pricing file must raise
+//!    `KissBotExporterPricingReloadFailed` and a good one clear it; killing
+//!    the real bot's process must raise `KissBotDead`.
 //!
 //! Test 2 prints `SKIP: ...` and passes when `prometheus` or
 //! `prometheus-alertmanager` (or `alertmanager`) is not on `PATH`, unless the
@@ -141,8 +143,10 @@ struct Fleet {
     traffic: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     heartbeats_paused: Arc<AtomicBool>,
-    _bot: ChildGuard,
+    bot: ChildGuard,
     exporter: Exporter,
+    /// The pricing file the exporter loads (`--pricing.file`).
+    prices: PathBuf,
     _pricing: tempfile::TempDir,
 }
 
@@ -192,11 +196,24 @@ impl Fleet {
         wait_until("the first LLM calls", Duration::from_secs(15), || {
             exporter.metric(r#"kissbot_llm_unpriced_requests_total{model="mystery-model"}"#).is_some_and(|v| v >= 1.0)
         });
-        Fleet { traffic: Some(traffic), stop, heartbeats_paused, _bot: bot, exporter, _pricing: pricing }
+        Fleet { traffic: Some(traffic), stop, heartbeats_paused, bot, exporter, prices, _pricing: pricing }
     }
 
     fn pause_heartbeats(&self, paused: bool) {
         self.heartbeats_paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Rewrites the pricing file and makes the exporter re-read it (SIGHUP).
+    fn reload_pricing(&self, toml: &str) {
+        std::fs::write(&self.prices, toml).expect("rewrite the pricing file");
+        self.exporter.signal(libc::SIGHUP);
+    }
+
+    /// Kills the real bot's process (SIGKILL, no `unregister`): a crash the
+    /// exporter's sampler sees as the bot going `dead`.
+    fn crash_bot(&mut self) {
+        let _ = self.bot.0.kill();
+        let _ = self.bot.0.wait();
     }
 }
 
@@ -316,7 +333,8 @@ fn referenced_metrics_appear_in_a_real_scrape() {
 /// Alerts whose `for:` the test shortens in its temporary copy of the rules,
 /// to this duration, so that the test takes seconds instead of minutes. Their
 /// expressions and everything else in the rule files are used unchanged.
-const SHORTENED_FOR: &[&str] = &["KissBotHeartbeatStale", "KissBotWatchdog"];
+const SHORTENED_FOR: &[&str] =
+    &["KissBotHeartbeatStale", "KissBotDead", "KissBotExporterPricingReloadFailed", "KissBotWatchdog"];
 const SHORT_FOR: &str = "3s";
 
 /// Substitutions for Grafana's built-in variables, for Prometheus scraping
@@ -812,7 +830,7 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
     let Some((prometheus_bin, alertmanager_bin)) = servers() else { return };
     let checks = dashboard_checks();
 
-    let fleet = Fleet::start();
+    let mut fleet = Fleet::start();
     let sink = WebhookSink::start();
     let am = start_alertmanager(&alertmanager_bin, sink.addr);
     let prom = start_prometheus(&prometheus_bin, fleet.exporter.addr, am.addr);
@@ -930,6 +948,54 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
         fleet.exporter.metric(&format!(r#"kissbot_bot_up{{channel="{HB_BOT}"}}"#)) == Some(1.0)
     });
 
+    // The pricing file is refused on reload (a negative price): the alert
+    // reaches Alertmanager, and leaves it once a good file is loaded.
+    const RELOAD_FAILED: &str = "KissBotExporterPricingReloadFailed";
+    let alerts = alertmanager_alerts(&am).expect("Alertmanager alerts");
+    assert!(find_alert(&alerts, RELOAD_FAILED, None).is_none(), "pricing refused too early: {alerts:?}");
+    fleet.reload_pricing("[[model]]\nname = \"house-model\"\ninput = -2.0\noutput = 4.0\n");
+    fleet.exporter.wait_metric("kissbot_exporter_config_last_reload_successful", 0.0);
+    let refused = Instant::now();
+    let reload_failed = poll(&format!("{RELOAD_FAILED} in Alertmanager"), Duration::from_secs(30), || {
+        let alerts = alertmanager_alerts(&am)?;
+        note_alerts(&alerts);
+        find_alert(&alerts, RELOAD_FAILED, None)
+            .filter(|a| a["@state"] == "active")
+            .cloned()
+            .ok_or_else(|| format!("{alerts:?}"))
+    });
+    let reload_failed_after = refused.elapsed();
+    assert_eq!(reload_failed["severity"], "warning", "{reload_failed}");
+    assert_eq!(reload_failed["instance"], fleet.exporter.addr.to_string(), "{reload_failed}");
+    fleet.reload_pricing(PRICES);
+    fleet.exporter.wait_metric("kissbot_exporter_config_last_reload_successful", 1.0);
+    poll(&format!("{RELOAD_FAILED} to resolve"), Duration::from_secs(30), || {
+        let alerts = alertmanager_alerts(&am)?;
+        note_alerts(&alerts);
+        find_alert(&alerts, RELOAD_FAILED, None).map_or(Ok(()), |a| Err(format!("still there: {a}")))
+    });
+
+    // The real bot's process is killed: the sampler marks it dead and
+    // KissBotDead reaches Alertmanager (no heartbeat timeout involved).
+    let alerts = alertmanager_alerts(&am).expect("Alertmanager alerts");
+    assert!(find_alert(&alerts, "KissBotDead", None).is_none(), "dead too early: {alerts:?}");
+    fleet.crash_bot();
+    let crashed = Instant::now();
+    fleet.exporter.wait_metric(&format!(r#"kissbot_bot_status{{channel="{PY_BOT}",status="dead"}}"#), 1.0);
+    let dead = poll("KissBotDead for py_bot in Alertmanager", Duration::from_secs(30), || {
+        let alerts = alertmanager_alerts(&am)?;
+        note_alerts(&alerts);
+        find_alert(&alerts, "KissBotDead", Some(PY_BOT))
+            .filter(|a| a["@state"] == "active")
+            .cloned()
+            .ok_or_else(|| format!("{alerts:?}"))
+    });
+    let dead_after = crashed.elapsed();
+    assert_eq!(dead["severity"], "critical", "{dead}");
+    assert_eq!(dead["instance"], fleet.exporter.addr.to_string(), "{dead}");
+    let alerts = alertmanager_alerts(&am).expect("Alertmanager alerts");
+    assert!(find_alert(&alerts, "KissBotDead", Some(HB_BOT)).is_none(), "the live bot: {alerts:?}");
+
     // What fired: Alertmanager's view, and Prometheus' own at the end.
     let rules = prom.get_json("/api/v1/alerts").expect("Prometheus alerts");
     let in_prometheus: Vec<String> = rules["data"]["alerts"]
@@ -952,6 +1018,12 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
         dashboards_done.as_secs_f64(),
         fired_after.as_secs_f64(),
         resolved_after.as_secs_f64()
+    );
+    eprintln!(
+        "bundle_e2e: {RELOAD_FAILED} reached Alertmanager {:.1}s after the pricing file was refused; KissBotDead \
+         {:.1}s after the bot's process was killed (for {SHORT_FOR})",
+        reload_failed_after.as_secs_f64(),
+        dead_after.as_secs_f64()
     );
     eprintln!("bundle_e2e: alerts that reached Alertmanager: {seen_in_am:?}");
     eprintln!("bundle_e2e: alerts in Prometheus at the end: {in_prometheus:?}");
