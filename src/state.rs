@@ -257,6 +257,26 @@ fn features_json(features: &[(String, bool)]) -> String {
 }
 
 impl Bot {
+    /// A bot that is online, last seen at `last_seen`, not yet written.
+    fn new(channel: String, pid: u32, features: Vec<(String, bool)>, registered_at: f64, last_seen: f64) -> Bot {
+        Bot {
+            channel,
+            pid,
+            status: Status::Online,
+            features,
+            registered_at,
+            last_heartbeat: last_seen,
+            status_since: last_seen,
+            heartbeats: 0,
+            restarts: 0,
+            visibility: Visibility::Unknown,
+            process: None,
+            cpu_base: 0.0,
+            persisted_at: last_seen,
+            dirty: true,
+        }
+    }
+
     fn status_row(&mut self, now: f64) -> Row {
         self.persisted_at = now;
         self.dirty = false;
@@ -306,26 +326,12 @@ impl State {
             if now - b.last_seen > self.config.expiry || self.bots.len() >= self.config.max_bots {
                 continue;
             }
-            let status = Status::parse(&b.status);
-            self.bots.insert(
-                b.channel.clone(),
-                Bot {
-                    channel: b.channel,
-                    pid: b.pid,
-                    status,
-                    features: b.features,
-                    registered_at: b.registered_at,
-                    last_heartbeat: b.last_seen,
-                    status_since: b.last_seen,
-                    heartbeats: 0,
-                    restarts: 0,
-                    visibility: Visibility::Unknown,
-                    process: None,
-                    cpu_base: 0.0,
-                    persisted_at: now,
-                    dirty: false,
-                },
-            );
+            let mut bot = Bot::new(b.channel, b.pid, b.features, b.registered_at, b.last_seen);
+            bot.status = Status::parse(&b.status);
+            // The database already says all this.
+            bot.persisted_at = now;
+            bot.dirty = false;
+            self.bots.insert(bot.channel.clone(), bot);
             restored += 1;
         }
         restored
@@ -382,22 +388,7 @@ impl State {
                 format!("bot limit {} reached; channel not tracked", self.config.max_bots),
             ));
         }
-        let bot = Bot {
-            channel: channel.clone(),
-            pid,
-            status: Status::Online,
-            features,
-            registered_at: now,
-            last_heartbeat: now,
-            status_since: now,
-            heartbeats: 0,
-            restarts: 0,
-            visibility: Visibility::Unknown,
-            process: None,
-            cpu_base: 0.0,
-            persisted_at: now,
-            dirty: true,
-        };
+        let bot = Bot::new(channel.clone(), pid, features, now, now);
         Ok(self.bots.entry(channel).or_insert(bot))
     }
 

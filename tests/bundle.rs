@@ -23,28 +23,6 @@ use bundle_support::*;
 // Shared functions
 // ---------------------------------------------------------------------------
 
-fn read(rel: &str) -> String {
-    let path = root().join(rel);
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-/// True when a missing tool must fail the test instead of skipping it.
-fn strict() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
-        Err(_) => false,
-    }
-}
-
-/// Finds an executable on `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| {
-        fs::metadata(candidate).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
-}
-
 /// Writes a line to stderr past the test harness's output capture, so that
 /// it shows in a normal `cargo test` run.
 fn note(line: &str) {
@@ -91,54 +69,23 @@ fn label_values_selector(query: &str) -> Option<&str> {
     Some(selector.trim()).filter(|s| !s.is_empty())
 }
 
-/// Replaces Grafana's variables with values Prometheus accepts, so that a
-/// dashboard query can be checked by `promtool`.
-fn substitute_grafana_variables(expr: &str) -> String {
-    let mut s = expr.to_owned();
-    for (from, to) in [
-        ("$__rate_interval", "5m"),
-        ("${__rate_interval}", "5m"),
-        ("$__interval_ms", "60000"),
-        ("$__interval", "1m"),
-        ("${__interval}", "1m"),
-        ("$__range_s", "86400"),
-        ("${__range_s}", "86400"),
-        ("$__range_ms", "86400000"),
-        ("$__range", "1d"),
-        ("${__range}", "1d"),
-    ] {
-        s = s.replace(from, to);
-    }
-    // Remaining template variables ($name, ${name}, ${name:format}, [[name]])
-    // are label filters such as channel=~"$channel": any regex will do.
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
-    while let Some(pos) = rest.find(['$', '[']) {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        let var_len = if let Some(t) = tail.strip_prefix("${") {
-            t.find('}').map(|end| end + 3)
-        } else if let Some(t) = tail.strip_prefix("[[") {
-            t.find("]]").map(|end| end + 4)
-        } else if let Some(t) = tail.strip_prefix('$') {
-            let n = t.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
-            (n > 0).then_some(n + 1)
-        } else {
-            None
-        };
-        match var_len {
-            Some(len) => {
-                out.push_str(".*");
-                rest = &tail[len..];
-            }
-            None => {
-                out.push_str(&tail[..1]);
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+/// Values for Grafana's built-in variables when a query is only parsed.
+const GRAFANA_BUILTINS: &[(&str, &str)] = &[
+    ("$__rate_interval", "5m"),
+    ("${__rate_interval}", "5m"),
+    ("$__interval_ms", "60000"),
+    ("$__interval", "1m"),
+    ("${__interval}", "1m"),
+    ("$__range_s", "86400"),
+    ("${__range_s}", "86400"),
+    ("$__range_ms", "86400000"),
+    ("$__range", "1d"),
+    ("${__range}", "1d"),
+];
+
+/// Replaces Grafana's variables so that `promtool` can parse a dashboard query.
+fn substitute(expr: &str) -> String {
+    substitute_grafana_variables(expr, GRAFANA_BUILTINS)
 }
 
 /// The metric families kissbot-exporter registers (histograms by family name;
@@ -480,7 +427,7 @@ fn dashboard_queries_parse() {
     let mut rules = String::from("groups:\n  - name: dashboard-queries\n    rules:\n");
     let mut n = 0;
     let mut add = |origin: String, expr: &str| {
-        let promql = substitute_grafana_variables(expr);
+        let promql = substitute(expr);
         assert!(!promql.contains('$'), "{origin}: unreplaced variable in {promql}");
         rules.push_str(&format!("      # {origin}\n      - record: dashboard:query_{n}:check\n"));
         rules.push_str(&format!("        expr: {}\n", serde_json::to_string(&promql).expect("json string")));
@@ -652,7 +599,7 @@ fn metric_name_extraction() {
         ["kissbot_llm_request_duration_seconds", "kissbot_bot_up"].iter().map(|s| (*s).to_owned()).collect();
     assert_eq!(names, expected);
     assert_eq!(
-        substitute_grafana_variables(r#"rate(x{c=~"$channel",m=~"${model:regex}"}[$__rate_interval]) / $__range_s"#),
+        substitute(r#"rate(x{c=~"$channel",m=~"${model:regex}"}[$__rate_interval]) / $__range_s"#),
         r#"rate(x{c=~".*",m=~".*"}[5m]) / 86400"#
     );
     assert!(check_dashboard_windows("sum(rate(x[$__rate_interval]))").is_ok());

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use bundle_support::{
-    dashboard_exprs, dashboards, referenced_metric_names, root, rule_files, variable_query, variables,
+    dashboard_exprs, dashboards, read, referenced_metric_names, rule_files, strict, substitute_grafana_variables,
+    variable_query, variables, which,
 };
 use common::{metric_value, wait_until, Exporter};
 
@@ -363,24 +364,6 @@ const GRAFANA_BUILTINS: &[(&str, &str)] = &[
 /// `or vector(0)`.
 const NO_DATA_IN_A_HEALTHY_FLEET: &[(&str, &str, &str)] = &[];
 
-/// Finds an executable on `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| {
-        std::fs::metadata(candidate).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
-}
-
-/// True when a missing tool must fail the test instead of skipping it
-/// (the convention of tests/bundle.rs).
-fn strict() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
-        Err(_) => false,
-    }
-}
-
 /// `(prometheus, alertmanager)`, or `None` after printing SKIP (panics
 /// instead under CI).
 fn servers() -> Option<(PathBuf, PathBuf)> {
@@ -402,11 +385,6 @@ fn servers() -> Option<(PathBuf, PathBuf)> {
     }
     eprintln!("SKIP: bundle_e2e: {msg}");
     None
-}
-
-fn read(rel: &str) -> String {
-    let path = root().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// A loopback address with a port nothing listens on right now.
@@ -702,40 +680,9 @@ fn start_prometheus(binary: &Path, exporter: SocketAddr, alertmanager: SocketAdd
     Server::spawn("prometheus", cmd, addr, dir)
 }
 
-/// Replaces Grafana's variables: the built-ins by [`GRAFANA_BUILTINS`], the
-/// dashboard's own (`$channel`, `${channel}`, `${channel:regex}`,
-/// `[[channel]]`), all label filters, by `.*`.
+/// Replaces Grafana's variables with [`GRAFANA_BUILTINS`] and `.*`.
 fn substitute(expr: &str) -> String {
-    let mut s = expr.to_owned();
-    for (from, to) in GRAFANA_BUILTINS {
-        s = s.replace(from, to);
-    }
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
-    while let Some(pos) = rest.find(['$', '[']) {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        let len = if let Some(t) = tail.strip_prefix("${") {
-            t.find('}').map(|end| end + 3)
-        } else if let Some(t) = tail.strip_prefix("[[") {
-            t.find("]]").map(|end| end + 4)
-        } else if let Some(t) = tail.strip_prefix('$') {
-            Some(t.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count() + 1).filter(|n| *n > 1)
-        } else {
-            None
-        };
-        match len {
-            Some(len) => {
-                out.push_str(".*");
-                rest = &tail[len..];
-            }
-            None => {
-                out.push_str(&tail[..1]);
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
+    let out = substitute_grafana_variables(expr, GRAFANA_BUILTINS);
     assert!(!out.contains('$'), "a Grafana variable is left in {out} (from {expr})");
     out
 }

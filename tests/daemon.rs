@@ -48,8 +48,17 @@ fn stock_client_messages_land_in_metrics_and_database() {
     for t in ["register", "heartbeat", "unregister", "llm_usage"] {
         assert_eq!(e.metric(&format!(r#"kissbot_exporter_messages_total{{type="{t}"}}"#)), Some(1.0), "{t}");
     }
-    // register: event + status; heartbeat: coalesced; llm_usage: 1; unregister: event + status.
-    e.wait_metric("kissbot_exporter_db_rows_written_total", 5.0);
+    // register: event + status; heartbeat: coalesced (written by the ticker
+    // only if 5 s pass); llm_usage: 1; unregister: event + status.
+    wait_until("the rows in the database", Duration::from_secs(15), || {
+        e.count("SELECT COUNT(*) FROM bot_events") == 2
+            && e.count("SELECT COUNT(*) FROM llm_usage") == 1
+            && e.count("SELECT COUNT(*) FROM bot_status WHERE status = 'offline'") == 1
+    });
+    let written = e.metric("kissbot_exporter_db_rows_written_total").unwrap();
+    let tables = ["bot_status", "bot_events", "llm_usage", "bot_metrics"]
+        .map(|t| (t, e.count(&format!("SELECT COUNT(*) FROM {t}"))));
+    assert!((5.0..=6.0).contains(&written), "{written} rows written; rows now: {tables:?}");
     let db = e.db();
     let (status, features): (String, String) = db
         .query_row("SELECT status, features_json FROM bot_status WHERE channel='el_serda'", [], |r| {

@@ -204,3 +204,65 @@ pub fn referenced_metric_names() -> BTreeSet<String> {
     }
     names
 }
+
+pub fn read(rel: &str) -> String {
+    let path = root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// True when a missing tool must fail the test instead of skipping it.
+pub fn strict() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
+        Err(_) => false,
+    }
+}
+
+/// Finds an executable on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| {
+        std::fs::metadata(candidate).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    })
+}
+
+/// Replaces Grafana's variables with values Prometheus accepts: the built-ins
+/// (`$__rate_interval`, ...) by `builtins`, the dashboard's own (`$channel`,
+/// `${channel}`, `${channel:regex}`, `[[channel]]`), all label filters, by `.*`.
+pub fn substitute_grafana_variables(expr: &str, builtins: &[(&str, &str)]) -> String {
+    let mut s = expr.to_owned();
+    for (from, to) in builtins {
+        s = s.replace(from, to);
+    }
+    // Remaining template variables ($name, ${name}, ${name:format}, [[name]])
+    // are label filters such as channel=~"$channel": any regex will do.
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(pos) = rest.find(['$', '[']) {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        let var_len = if let Some(t) = tail.strip_prefix("${") {
+            t.find('}').map(|end| end + 3)
+        } else if let Some(t) = tail.strip_prefix("[[") {
+            t.find("]]").map(|end| end + 4)
+        } else if let Some(t) = tail.strip_prefix('$') {
+            let n = t.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
+            (n > 0).then_some(n + 1)
+        } else {
+            None
+        };
+        match var_len {
+            Some(len) => {
+                out.push_str(".*");
+                rest = &tail[len..];
+            }
+            None => {
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
