@@ -12,8 +12,12 @@ use common::*;
 #[test]
 fn stock_client_messages_land_in_metrics_and_database() {
     let mut e = Exporter::start(&[]);
+    // One connection per message, as the stock client does; connections are
+    // not ordered among themselves, so wait for each as a bot's spacing would.
     e.send(REGISTER);
+    e.wait_metric(r#"kissbot_exporter_messages_total{type="register"}"#, 1.0);
     e.send(HEARTBEAT);
+    e.wait_metric(r#"kissbot_exporter_messages_total{type="heartbeat"}"#, 1.0);
     e.send(LLM_USAGE);
     e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
     let m = e.scrape();
