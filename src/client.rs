@@ -85,6 +85,12 @@ pub struct LlmCall<'a> {
     /// What the call cost in USD, if the bot knows; otherwise the exporter
     /// prices it from its table.
     pub cost_usd: Option<f64>,
+    /// The provider serving the model (e.g. `openai`), if the bot knows.
+    pub provider: Option<&'a str>,
+    /// Prompt tokens served from the provider's cache (part of `tokens_in`).
+    pub tokens_cached: Option<u64>,
+    /// True when the call failed; it is then counted as an error.
+    pub failed: bool,
 }
 
 impl<'a> LlmCall<'a> {
@@ -97,7 +103,17 @@ impl<'a> LlmCall<'a> {
     /// assert_eq!((call.latency_ms, call.cost_usd), (None, None));
     /// ```
     pub fn new(model: &'a str, feature: &'a str, tokens_in: u64, tokens_out: u64) -> LlmCall<'a> {
-        LlmCall { model, feature, tokens_in, tokens_out, latency_ms: None, cost_usd: None }
+        LlmCall {
+            model,
+            feature,
+            tokens_in,
+            tokens_out,
+            latency_ms: None,
+            cost_usd: None,
+            provider: None,
+            tokens_cached: None,
+            failed: false,
+        }
     }
 
     /// Sets the latency in milliseconds.
@@ -121,6 +137,42 @@ impl<'a> LlmCall<'a> {
     /// ```
     pub fn cost_usd(mut self, usd: f64) -> LlmCall<'a> {
         self.cost_usd = Some(usd);
+        self
+    }
+
+    /// Sets the provider.
+    ///
+    /// ```
+    /// use kissbot_exporter::client::LlmCall;
+    ///
+    /// assert_eq!(LlmCall::new("m", "f", 1, 1).provider("openai").provider, Some("openai"));
+    /// ```
+    pub fn provider(mut self, provider: &'a str) -> LlmCall<'a> {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Sets how many of the prompt tokens came from the provider's cache.
+    ///
+    /// ```
+    /// use kissbot_exporter::client::LlmCall;
+    ///
+    /// assert_eq!(LlmCall::new("m", "f", 100, 1).tokens_cached(60).tokens_cached, Some(60));
+    /// ```
+    pub fn tokens_cached(mut self, tokens: u64) -> LlmCall<'a> {
+        self.tokens_cached = Some(tokens);
+        self
+    }
+
+    /// Marks the call as failed (sent as `"status": "error"`).
+    ///
+    /// ```
+    /// use kissbot_exporter::client::LlmCall;
+    ///
+    /// assert!(LlmCall::new("m", "f", 100, 0).failed().failed);
+    /// ```
+    pub fn failed(mut self) -> LlmCall<'a> {
+        self.failed = true;
         self
     }
 }
@@ -506,6 +558,15 @@ impl Shared {
                 ))
             }
         };
+        if let Message::LlmUsage(call) = message {
+            // JSON has no NaN or infinity (serde_json would write null and
+            // the value would vanish without a trace).
+            for (name, value) in [("latency_ms", call.latency_ms), ("cost_usd", call.cost_usd)] {
+                if value.is_some_and(|v| !v.is_finite()) {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is not a finite number")));
+                }
+            }
+        }
         let mut buf = Vec::with_capacity(160);
         write_line(&mut buf, &self.channel, pid, message)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot encode the message: {e}")))?;
@@ -670,6 +731,15 @@ fn write_line(buf: &mut Vec<u8>, channel: &str, pid: Option<u32>, message: &Mess
             if let Some(usd) = call.cost_usd {
                 map.serialize_entry("cost_usd", &Number(usd))?;
             }
+            if let Some(provider) = call.provider {
+                map.serialize_entry("provider", provider)?;
+            }
+            if let Some(cached) = call.tokens_cached {
+                map.serialize_entry("tokens_cached", &cached)?;
+            }
+            if call.failed {
+                map.serialize_entry("status", "error")?;
+            }
         }
     }
     map.end()
@@ -774,7 +844,15 @@ mod tests {
             line(&c, Message::LlmUsage(call)),
             r#"{"type": "llm_usage", "channel": "a", "model": "m", "feature": "f", "tokens_in": 1, "tokens_out": 2, "latency_ms": 12.5, "pid": 7, "cost_usd": 0.0005}"#
         );
-        assert_eq!(line(&c, Message::Register { features: &[] }), r#"{"type": "register", "channel": "a", "pid": 7, "features": {}}"#);
+        let call = LlmCall::new("m", "f", 10, 2).provider("openai").tokens_cached(4).failed();
+        assert_eq!(
+            line(&c, Message::LlmUsage(call)),
+            r#"{"type": "llm_usage", "channel": "a", "model": "m", "feature": "f", "tokens_in": 10, "tokens_out": 2, "pid": 7, "provider": "openai", "tokens_cached": 4, "status": "error"}"#
+        );
+        assert_eq!(
+            line(&c, Message::Register { features: &[] }),
+            r#"{"type": "register", "channel": "a", "pid": 7, "features": {}}"#
+        );
     }
 
     #[test]
@@ -802,6 +880,7 @@ mod tests {
             LlmCall::new("m", "f", 1, 1).latency_ms(-1.0),
             LlmCall::new("m", "f", 1, 1).cost_usd(f64::NAN),
             LlmCall::new("m", "f", u64::MAX, 1),
+            LlmCall::new("m", "f", 1, 1).tokens_cached(2),
         ] {
             assert!(c.line(&Message::LlmUsage(call)).is_err(), "{call:?}");
         }
