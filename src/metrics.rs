@@ -6,10 +6,11 @@
 //! heartbeat age is computed at the instant of the scrape. Nothing here does
 //! I/O.
 
-use std::sync::{Arc, Mutex};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use prometheus::Gauge as GaugeMetric;
@@ -57,6 +58,8 @@ pub struct Metrics {
     pub sampler_duration: GaugeMetric,
     /// Unix time of the last completed sampler pass.
     pub sampler_last_success: GaugeMetric,
+    /// The live state rendered at scrape time, once attached.
+    state: Arc<OnceLock<Arc<Mutex<State>>>>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -146,6 +149,7 @@ impl Metrics {
                 "Unix time of the last completed process sampler pass.",
             ))?,
             registry,
+            state: Arc::new(OnceLock::new()),
         };
         // Pre-create the closed label sets so every series exists from the
         // first scrape and rate() works on the first increment.
@@ -191,257 +195,274 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Registers the collector of per-bot and LLM series over `state`.
+    /// Attaches the live state whose per-bot and LLM series [`Metrics::render`]
+    /// writes after the registry's families. Only the first call has effect.
     pub fn register_state(&self, state: Arc<Mutex<State>>) -> prometheus::Result<()> {
-        self.registry.register(Box::new(StateCollector::new(state)?))
+        self.state.set(state).map_err(|_| prometheus::Error::Msg("state already registered".into()))
     }
 
     /// Renders every metric in the Prometheus text format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(64 * 1024);
         // Encoding into a String cannot fail: the families come from our own
-        // collectors and every one has at least one metric.
+        // registry and empty ones are pruned by `gather`.
         let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        if let Some(state) = self.state.get() {
+            // A poisoned lock means a panic while mutating; the data is still
+            // the best we have, so keep serving it rather than going dark.
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            render_state(&state, unix_now(), &mut out);
+        }
         out
     }
 }
 
-/// The families rendered from the state: (name, help, type, label names).
-const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
-    ("kissbot_bot_up", "1 if the bot is online, 0 otherwise.", MetricType::GAUGE, &["channel"]),
-    (
-        "kissbot_bot_status",
-        "Bot state as a state set: 1 for the current state.",
-        MetricType::GAUGE,
-        &["channel", "status"],
-    ),
-    (
-        "kissbot_bot_last_heartbeat_timestamp_seconds",
-        "Unix time of the last heartbeat or register.",
-        MetricType::GAUGE,
-        &["channel"],
-    ),
-    (
-        "kissbot_bot_heartbeat_age_seconds",
-        "Seconds since the last heartbeat, at scrape time.",
-        MetricType::GAUGE,
-        &["channel"],
-    ),
-    (
-        "kissbot_bot_registered_timestamp_seconds",
-        "Unix time the current bot process registered.",
-        MetricType::GAUGE,
-        &["channel"],
-    ),
-    ("kissbot_bot_heartbeats_total", "Heartbeats received.", MetricType::COUNTER, &["channel"]),
-    ("kissbot_bot_restarts_total", "Restarts seen (a new pid for the channel).", MetricType::COUNTER, &["channel"]),
-    ("kissbot_bot_info", "Bot metadata; always 1.", MetricType::GAUGE, &["channel", "pid"]),
-    (
-        "kissbot_bot_feature_enabled",
-        "1 if the bot reported the feature enabled.",
-        MetricType::GAUGE,
-        &["channel", "feature"],
-    ),
-    ("kissbot_llm_requests_total", "LLM calls.", MetricType::COUNTER, &["channel", "model", "feature"]),
-    ("kissbot_llm_input_tokens_total", "LLM prompt tokens.", MetricType::COUNTER, &["channel", "model", "feature"]),
-    (
-        "kissbot_llm_output_tokens_total",
-        "LLM completion tokens.",
-        MetricType::COUNTER,
-        &["channel", "model", "feature"],
-    ),
-    (
-        "kissbot_llm_cost_usd_total",
-        "LLM cost in USD: reported by the bot, else from the price table.",
-        MetricType::COUNTER,
-        &["channel", "model", "feature"],
-    ),
-    (
-        "kissbot_llm_unpriced_requests_total",
-        "LLM calls that could not be priced, by model.",
-        MetricType::COUNTER,
-        &["model"],
-    ),
-    (
-        "kissbot_llm_request_duration_seconds",
-        "LLM call latency as reported by the bot.",
-        MetricType::HISTOGRAM,
-        &["channel", "model"],
-    ),
-    ("kissbot_exporter_bots", "Bots tracked by the exporter.", MetricType::GAUGE, &[]),
-    (
-        "kissbot_bot_process_alive",
-        "1 if the bot's process runs, 0 if it is gone; absent when its pid is not visible.",
-        MetricType::GAUGE,
-        &["channel"],
-    ),
-    (
-        "kissbot_bot_cpu_seconds_total",
-        "CPU time used by the bot's processes while tracked.",
-        MetricType::COUNTER,
-        &["channel"],
-    ),
-    ("kissbot_bot_resident_memory_bytes", "Resident memory of the bot's process.", MetricType::GAUGE, &["channel"]),
-    ("kissbot_bot_virtual_memory_bytes", "Virtual memory of the bot's process.", MetricType::GAUGE, &["channel"]),
-    (
-        "kissbot_bot_process_start_time_seconds",
-        "Start time of the bot's process, Unix seconds.",
-        MetricType::GAUGE,
-        &["channel"],
-    ),
-    (
-        "kissbot_llm_errors_total",
-        "LLM calls the bot reported as failed.",
-        MetricType::COUNTER,
-        &["channel", "model", "feature"],
-    ),
-    (
-        "kissbot_llm_cached_input_tokens_total",
-        "LLM prompt tokens served from the provider's cache.",
-        MetricType::COUNTER,
-        &["channel", "model", "feature"],
-    ),
-];
-
-struct StateCollector {
-    state: Arc<Mutex<State>>,
-    descs: Vec<Desc>,
-}
-
-impl StateCollector {
-    fn new(state: Arc<Mutex<State>>) -> prometheus::Result<StateCollector> {
-        let descs = FAMILIES
-            .iter()
-            .map(|(name, help, _, labels)| {
-                Desc::new(
-                    (*name).into(),
-                    (*help).into(),
-                    labels.iter().map(|l| (*l).to_owned()).collect(),
-                    Default::default(),
-                )
-            })
-            .collect::<prometheus::Result<Vec<_>>>()?;
-        Ok(StateCollector { state, descs })
+/// Escapes a label value for the text format: backslash, quote, newline.
+fn escape(s: &str) -> Cow<'_, str> {
+    if !s.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(s);
     }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
-    pairs
-        .iter()
-        .map(|(n, v)| {
-            let mut l = LabelPair::default();
-            l.set_name((*n).to_owned());
-            l.set_value((*v).to_owned());
-            l
-        })
-        .collect()
-}
-
-fn gauge(pairs: &[(&str, &str)], v: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(v);
-    let mut m = Metric::from_gauge(g);
-    m.set_label(labels(pairs));
-    m
-}
-
-fn counter(pairs: &[(&str, &str)], v: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(v);
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_counter(c);
-    m
-}
-
-impl Collector for StateCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let now = unix_now();
-        let mut fams: Vec<Vec<Metric>> = FAMILIES.iter().map(|_| Vec::new()).collect();
-        {
-            // A poisoned lock means a panic while mutating; the data is still
-            // the best we have, so keep serving it rather than going dark.
-            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for bot in state.bots() {
-                let ch = bot.channel.as_str();
-                let c = [("channel", ch)];
-                fams[0].push(gauge(&c, f64::from(u8::from(bot.status == Status::Online))));
-                for s in Status::ALL {
-                    fams[1]
-                        .push(gauge(&[("channel", ch), ("status", s.as_str())], f64::from(u8::from(bot.status == s))));
-                }
-                fams[2].push(gauge(&c, bot.last_heartbeat));
-                fams[3].push(gauge(&c, (now - bot.last_heartbeat).max(0.0)));
-                fams[4].push(gauge(&c, bot.registered_at));
-                fams[5].push(counter(&c, bot.heartbeats as f64));
-                fams[6].push(counter(&c, bot.restarts as f64));
-                fams[7].push(gauge(&[("channel", ch), ("pid", &bot.pid.to_string())], 1.0));
-                for (f, on) in &bot.features {
-                    fams[8].push(gauge(&[("channel", ch), ("feature", f)], f64::from(u8::from(*on))));
-                }
-                if let Some(p) = bot.process {
-                    fams[16].push(gauge(&c, f64::from(u8::from(p.alive))));
-                    fams[17].push(counter(&c, State::cpu_seconds_total(bot)));
-                    if p.start_time > 0 {
-                        fams[18].push(gauge(&c, p.rss_bytes as f64));
-                        fams[19].push(gauge(&c, p.vms_bytes as f64));
-                        fams[20].push(gauge(&c, p.start_time as f64));
-                    }
-                }
-            }
-            let mut unpriced: std::collections::HashMap<&str, u64> = Default::default();
-            for ((ch, model, feature), s) in state.llm_series() {
-                let l = [("channel", ch.as_str()), ("model", model.as_str()), ("feature", feature.as_str())];
-                fams[9].push(counter(&l, s.requests as f64));
-                fams[10].push(counter(&l, s.input_tokens as f64));
-                fams[11].push(counter(&l, s.output_tokens as f64));
-                fams[12].push(counter(&l, s.cost_usd));
-                fams[21].push(counter(&l, s.errors as f64));
-                fams[22].push(counter(&l, s.cached_tokens as f64));
-                if s.unpriced > 0 {
-                    *unpriced.entry(model.as_str()).or_default() += s.unpriced;
-                }
-            }
-            for (model, n) in unpriced {
-                fams[13].push(counter(&[("model", model)], n as f64));
-            }
-            for ((ch, model), h) in state.latencies() {
-                let mut hist = Histogram::default();
-                hist.set_sample_count(h.count);
-                hist.set_sample_sum(h.sum);
-                let mut cumulative = 0;
-                let buckets = LATENCY_BUCKETS
-                    .iter()
-                    .zip(h.buckets.iter())
-                    .map(|(ub, n)| {
-                        cumulative += n;
-                        let mut b = Bucket::default();
-                        b.set_upper_bound(*ub);
-                        b.set_cumulative_count(cumulative);
-                        b
-                    })
-                    .collect();
-                hist.set_bucket(buckets);
-                let mut m = Metric::from_label(labels(&[("channel", ch), ("model", model)]));
-                m.set_histogram(hist);
-                fams[14].push(m);
-            }
-            fams[15].push(gauge(&[], state.bot_count() as f64));
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
         }
-        FAMILIES
-            .iter()
-            .zip(fams)
-            .map(|((name, help, kind, _), metrics)| {
-                let mut f = MetricFamily::default();
-                f.set_name((*name).to_owned());
-                f.set_help((*help).to_owned());
-                f.set_field_type(*kind);
-                f.set_metric(metrics);
-                f
-            })
-            .collect()
+    }
+    Cow::Owned(out)
+}
+
+/// Writes a sample value as the text format expects.
+fn value(out: &mut String, v: f64) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One sample line: `name{labels} value`, labels already escaped.
+fn sample(out: &mut String, name: &str, labels: &str, v: f64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        out.push_str(labels);
+        out.push('}');
+    }
+    out.push(' ');
+    value(out, v);
+    out.push('\n');
+}
+
+/// A per-bot family: name, help, type, and the value (none: no series).
+type BotFamily<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&crate::state::Bot) -> Option<f64>);
+
+/// A family from a bot's process sample: name, help, value.
+type ProcessFamily<'a> = (&'a str, &'a str, &'a dyn Fn(&crate::state::ProcessInfo) -> f64);
+
+/// An LLM counter family: name, help, value.
+type LlmFamily<'a> = (&'a str, &'a str, &'a dyn Fn(&crate::state::LlmSeries) -> f64);
+
+/// Renders the per-bot and LLM series straight from the state into text.
+///
+/// Building the `prometheus` crate's object tree for hundreds of thousands
+/// of series, sorting and encoding it cost most of a scrape and left the
+/// allocator holding the tree's memory; writing text directly from one pass
+/// over the state is several times faster. Series are sorted by label so
+/// the output is stable.
+fn render_state(state: &State, now: f64, out: &mut String) {
+    let mut bots: Vec<_> = state.bots().map(|b| (escape(&b.channel), b)).collect();
+    bots.sort_by(|a, b| a.0.cmp(&b.0));
+    let per_bot: [BotFamily<'_>; 8] = [
+        ("kissbot_bot_up", "1 if the bot is online, 0 otherwise.", "gauge", &|b| {
+            Some(f64::from(u8::from(b.status == Status::Online)))
+        }),
+        (
+            "kissbot_bot_last_heartbeat_timestamp_seconds",
+            "Unix time of the last heartbeat or register.",
+            "gauge",
+            &|b| Some(b.last_heartbeat),
+        ),
+        ("kissbot_bot_heartbeat_age_seconds", "Seconds since the last heartbeat, at scrape time.", "gauge", &|b| {
+            Some((now - b.last_heartbeat).max(0.0))
+        }),
+        ("kissbot_bot_registered_timestamp_seconds", "Unix time the current bot process registered.", "gauge", &|b| {
+            Some(b.registered_at)
+        }),
+        ("kissbot_bot_heartbeats_total", "Heartbeats received.", "counter", &|b| Some(b.heartbeats as f64)),
+        ("kissbot_bot_restarts_total", "Restarts seen (a new pid for the channel).", "counter", &|b| {
+            Some(b.restarts as f64)
+        }),
+        (
+            "kissbot_bot_process_alive",
+            "1 if the bot's process runs, 0 if it is gone; absent when its pid is not visible.",
+            "gauge",
+            &|b| b.process.map(|p| f64::from(u8::from(p.alive))),
+        ),
+        ("kissbot_bot_cpu_seconds_total", "CPU time used by the bot's processes while tracked.", "counter", &|b| {
+            b.process.map(|_| State::cpu_seconds_total(b))
+        }),
+    ];
+    let sampled: [ProcessFamily<'_>; 3] = [
+        ("kissbot_bot_resident_memory_bytes", "Resident memory of the bot's process.", &|p| p.rss_bytes as f64),
+        ("kissbot_bot_virtual_memory_bytes", "Virtual memory of the bot's process.", &|p| p.vms_bytes as f64),
+        ("kissbot_bot_process_start_time_seconds", "Start time of the bot's process, Unix seconds.", &|p| {
+            p.start_time as f64
+        }),
+    ];
+    let mut labels = String::with_capacity(256);
+    for (name, help, kind, get) in per_bot {
+        let mut first = true;
+        for (ch, bot) in &bots {
+            let Some(v) = get(bot) else { continue };
+            if first {
+                header(out, name, help, kind);
+                first = false;
+            }
+            labels.clear();
+            let _ = write!(labels, "channel=\"{ch}\"");
+            sample(out, name, &labels, v);
+        }
+    }
+    for (name, help, get) in sampled {
+        let mut first = true;
+        for (ch, bot) in &bots {
+            // A process seen only as gone has no figures worth showing.
+            let Some(p) = bot.process.filter(|p| p.start_time > 0) else { continue };
+            if first {
+                header(out, name, help, "gauge");
+                first = false;
+            }
+            labels.clear();
+            let _ = write!(labels, "channel=\"{ch}\"");
+            sample(out, name, &labels, get(&p));
+        }
+    }
+    if !bots.is_empty() {
+        header(out, "kissbot_bot_status", "Bot state as a state set: 1 for the current state.", "gauge");
+        for (ch, bot) in &bots {
+            for s in Status::ALL {
+                labels.clear();
+                let _ = write!(labels, "channel=\"{ch}\",status=\"{}\"", s.as_str());
+                sample(out, "kissbot_bot_status", &labels, f64::from(u8::from(bot.status == s)));
+            }
+        }
+        header(out, "kissbot_bot_info", "Bot metadata; always 1.", "gauge");
+        for (ch, bot) in &bots {
+            labels.clear();
+            let _ = write!(labels, "channel=\"{ch}\",pid=\"{}\"", bot.pid);
+            sample(out, "kissbot_bot_info", &labels, 1.0);
+        }
+    }
+    if bots.iter().any(|(_, b)| !b.features.is_empty()) {
+        header(out, "kissbot_bot_feature_enabled", "1 if the bot reported the feature enabled.", "gauge");
+        for (ch, bot) in &bots {
+            for (f, on) in &bot.features {
+                labels.clear();
+                let _ = write!(labels, "channel=\"{ch}\",feature=\"{}\"", escape(f));
+                sample(out, "kissbot_bot_feature_enabled", &labels, f64::from(u8::from(*on)));
+            }
+        }
+    }
+    render_llm(state, out);
+    header(out, "kissbot_exporter_bots", "Bots tracked by the exporter.", "gauge");
+    sample(out, "kissbot_exporter_bots", "", state.bot_count() as f64);
+}
+
+fn render_llm(state: &State, out: &mut String) {
+    let mut series: Vec<_> = state
+        .llm_series()
+        .map(|((c, m, f), s)| {
+            (format!("channel=\"{}\",model=\"{}\",feature=\"{}\"", escape(c), escape(m), escape(f)), s)
+        })
+        .collect();
+    series.sort_by(|a, b| a.0.cmp(&b.0));
+    let families: [LlmFamily<'_>; 6] = [
+        ("kissbot_llm_requests_total", "LLM calls.", &|s| s.requests as f64),
+        ("kissbot_llm_input_tokens_total", "LLM prompt tokens.", &|s| s.input_tokens as f64),
+        ("kissbot_llm_output_tokens_total", "LLM completion tokens.", &|s| s.output_tokens as f64),
+        ("kissbot_llm_cost_usd_total", "LLM cost in USD: reported by the bot, else from the price table.", &|s| {
+            s.cost_usd
+        }),
+        ("kissbot_llm_errors_total", "LLM calls the bot reported as failed.", &|s| s.errors as f64),
+        ("kissbot_llm_cached_input_tokens_total", "LLM prompt tokens served from the provider's cache.", &|s| {
+            s.cached_tokens as f64
+        }),
+    ];
+    if !series.is_empty() {
+        for (name, help, get) in families {
+            header(out, name, help, "counter");
+            for (labels, s) in &series {
+                sample(out, name, labels, get(s));
+            }
+        }
+    }
+    let mut unpriced: BTreeMap<&str, u64> = BTreeMap::new();
+    for ((_, model, _), s) in state.llm_series() {
+        if s.unpriced > 0 {
+            *unpriced.entry(model.as_str()).or_default() += s.unpriced;
+        }
+    }
+    if !unpriced.is_empty() {
+        let name = "kissbot_llm_unpriced_requests_total";
+        header(out, name, "LLM calls that could not be priced, by model.", "counter");
+        for (model, n) in unpriced {
+            sample(out, name, &format!("model=\"{}\"", escape(model)), n as f64);
+        }
+    }
+    let mut hists: Vec<_> = state
+        .latencies()
+        .map(|((c, m), h)| (format!("channel=\"{}\",model=\"{}\"", escape(c), escape(m)), h))
+        .collect();
+    if hists.is_empty() {
+        return;
+    }
+    hists.sort_by(|a, b| a.0.cmp(&b.0));
+    let name = "kissbot_llm_request_duration_seconds";
+    header(out, name, "LLM call latency as reported by the bot.", "histogram");
+    let (bucket, sum, count) = (format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count"));
+    let mut labels = String::with_capacity(256);
+    for (base, h) in &hists {
+        let mut cumulative = 0;
+        for (ub, n) in LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+            cumulative += n;
+            labels.clear();
+            let _ = write!(labels, "{base},le=\"{ub}\"");
+            sample(out, &bucket, &labels, cumulative as f64);
+        }
+        labels.clear();
+        let _ = write!(labels, "{base},le=\"+Inf\"");
+        sample(out, &bucket, &labels, h.count as f64);
+        sample(out, &sum, base, h.sum);
+        sample(out, &count, base, h.count as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_label_values() {
+        assert_eq!(escape("plain"), "plain");
+        assert_eq!(escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn values_in_text_format() {
+        let mut s = String::new();
+        for v in [1.0, 0.00957, 1795438355.6061244, f64::INFINITY, f64::NAN] {
+            value(&mut s, v);
+            s.push(' ');
+        }
+        assert_eq!(s, "1 0.00957 1795438355.6061244 +Inf NaN ");
     }
 }
