@@ -294,6 +294,15 @@ impl Bot {
         Row::BotEvent { ts: now, channel: self.channel.clone(), pid: self.pid, event, detail }
     }
 
+    /// Records who sent the bot's latest message: the pid can be sampled
+    /// only if the sender is that very process. No peer information (e.g.
+    /// a direct call) leaves the verdict as it was.
+    fn saw_peer(&mut self, peer_pid: Option<u32>) {
+        if let Some(peer) = peer_pid {
+            self.visibility = Visibility::from_peer(peer, self.pid);
+        }
+    }
+
     fn set_status(&mut self, status: Status, now: f64) {
         if self.status != status {
             self.status = status;
@@ -349,23 +358,9 @@ impl State {
     ) -> Result<(), Rejection> {
         match event {
             Event::Register { channel, pid, features } => {
-                let ch = channel.clone();
-                self.register(channel, pid, Some(features), now, out)?;
-                if let (Some(peer), Some(bot)) = (peer_pid, self.bots.get_mut(&ch)) {
-                    bot.visibility = Visibility::from_peer(peer, pid);
-                }
-                Ok(())
+                self.register(channel, pid, Some(features), now, peer_pid, out)
             }
-            Event::Heartbeat { channel, pid } => {
-                let key = pid;
-                self.heartbeat(&channel, pid, now, out)?;
-                if let (Some(peer), Some(bot)) = (peer_pid, self.bots.get_mut(&channel)) {
-                    if bot.pid == key {
-                        bot.visibility = Visibility::from_peer(peer, key);
-                    }
-                }
-                Ok(())
-            }
+            Event::Heartbeat { channel, pid } => self.heartbeat(channel, pid, now, peer_pid, out),
             Event::Unregister { channel, pid } => self.unregister(channel, pid, now, out),
             Event::LlmUsage(usage) => {
                 self.llm_usage(usage, now, out);
@@ -398,6 +393,7 @@ impl State {
         pid: u32,
         features: Option<Vec<(String, bool)>>,
         now: f64,
+        peer_pid: Option<u32>,
         out: &mut Vec<Row>,
     ) -> Result<(), Rejection> {
         let implicit = features.is_none();
@@ -430,12 +426,14 @@ impl State {
             }
             bot.last_heartbeat = now;
             bot.set_status(Status::Online, now);
+            bot.saw_peer(peer_pid);
             // Plain heartbeats never get here (see `heartbeat`): this is a
             // state change, worth writing at once.
             out.push(bot.status_row(now));
             return Ok(());
         }
         let bot = self.new_bot(channel, pid, features.unwrap_or_default(), now)?;
+        bot.saw_peer(peer_pid);
         if implicit {
             bot.heartbeats += 1;
             info!(channel = %bot.channel, pid, "bot registered implicitly by heartbeat");
@@ -447,18 +445,26 @@ impl State {
         Ok(())
     }
 
-    fn heartbeat(&mut self, channel: &str, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
+    fn heartbeat(
+        &mut self,
+        channel: String,
+        pid: u32,
+        now: f64,
+        peer_pid: Option<u32>,
+        out: &mut Vec<Row>,
+    ) -> Result<(), Rejection> {
         // The fast path: a known bot, same pid, already online. Nothing to
         // write now; the ticker persists `last_seen` every few seconds.
-        if let Some(bot) = self.bots.get_mut(channel) {
+        if let Some(bot) = self.bots.get_mut(&channel) {
             if bot.pid == pid && bot.status == Status::Online {
                 bot.heartbeats += 1;
                 bot.last_heartbeat = now;
                 bot.dirty = true;
+                bot.saw_peer(peer_pid);
                 return Ok(());
             }
         }
-        self.register(channel.to_owned(), pid, None, now, out)
+        self.register(channel, pid, None, now, peer_pid, out)
     }
 
     fn unregister(&mut self, channel: String, pid: u32, now: f64, out: &mut Vec<Row>) -> Result<(), Rejection> {
