@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::config::VerifyPid;
 use crate::error::{Error, Result};
 use crate::event::{parse_line, Event, Reason, Rejection};
-use crate::frame::{Frames, Framer};
+use crate::frame::Framer;
 use crate::metrics::Metrics;
 use crate::state::State;
 use crate::store::{unix_now, Row, Sink};
@@ -126,18 +126,6 @@ impl Ingest {
             warn!(reason = "peer_pid_mismatch", detail = %detail, suppressed, "message pid is not the sender's pid");
         }
         Ok(())
-    }
-
-    /// Handles what one read completed: its lines, and its over-long lines
-    /// as rejections.
-    pub fn deliver(&self, frames: Frames<'_>, peer_pid: Option<u32>) {
-        self.handle_lines(frames.lines.iter().copied(), peer_pid);
-        for _ in 0..frames.too_long {
-            self.reject(&Rejection::new(
-                Reason::LineTooLong,
-                format!("line longer than {} bytes; skipped up to the next newline", self.config.max_line_bytes),
-            ));
-        }
     }
 
     /// Counts a rejected line and logs it, rate-limited.
@@ -349,60 +337,20 @@ fn admit(
     };
     ingest.metrics.connections.inc();
     ingest.metrics.connections_active.inc();
-    let mut framer = Framer::new(ingest.config.max_line_bytes);
-    if read_ready(&stream, ingest, &mut framer, peer_pid) {
-        ingest.metrics.connections_active.dec();
-        return;
-    }
     let ingest = ingest.clone();
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
-        handle(stream, &ingest, shutdown, peer_pid, framer).await;
+        handle(stream, &ingest, shutdown, peer_pid).await;
         ingest.metrics.connections_active.dec();
         drop(permit);
     });
 }
 
-/// Reads what a connection sent before it was accepted; returns true when
-/// the connection is already finished (EOF or error).
-///
-/// The stock client connects, writes one line and closes, so by the time
-/// the connection is accepted its line and its close are usually waiting.
-/// Handling that inline saves a task, a wake-up and a second read per
-/// message. The loop is bounded so a sender that streams data cannot hold
-/// up the accept loop: whoever still has more to say gets its own task.
-fn read_ready(stream: &UnixStream, ingest: &Ingest, framer: &mut Framer, peer_pid: Option<u32>) -> bool {
-    for _ in 0..INLINE_READS {
-        match stream.try_read_buf(framer.buffer()) {
-            Ok(0) => {
-                if let Some(last) = framer.finish() {
-                    ingest.handle_lines(std::iter::once(last), peer_pid);
-                }
-                return true;
-            }
-            Ok(n) => ingest.deliver(framer.scan(n), peer_pid),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) => {
-                debug!(error = %e, "connection read failed");
-                return true;
-            }
-        }
-    }
-    false
-}
-
-/// Reads done inline at accept before a connection gets its own task.
-const INLINE_READS: usize = 4;
-
 /// Reads one connection until EOF, idle timeout, error, or the end of the
 /// shutdown grace period.
-async fn handle(
-    mut stream: UnixStream,
-    ingest: &Ingest,
-    shutdown: CancellationToken,
-    peer_pid: Option<u32>,
-    mut framer: Framer,
-) {
+async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken, peer_pid: Option<u32>) {
+    let max = ingest.config.max_line_bytes;
+    let mut framer = Framer::new(max);
     let mut deadline: Option<Instant> = None;
     loop {
         let buf = framer.buffer();
@@ -434,6 +382,13 @@ async fn handle(
             }
             return;
         }
-        ingest.deliver(framer.scan(n), peer_pid);
+        let frames = framer.scan(n);
+        ingest.handle_lines(frames.lines.iter().copied(), peer_pid);
+        for _ in 0..frames.too_long {
+            ingest.reject(&Rejection::new(
+                Reason::LineTooLong,
+                format!("line longer than {max} bytes; skipped up to the next newline"),
+            ));
+        }
     }
 }
