@@ -349,6 +349,10 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     // bots' usage logger) cannot interleave with the schema change.
     conn.execute_batch("BEGIN IMMEDIATE").map_err(wrap)?;
     let result = (|| -> rusqlite::Result<Vec<String>> {
+        let existing: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        if existing == 0 {
+            info!(path = %path.display(), "database created");
+        }
         conn.execute_batch(CREATE)?;
         let mut added = Vec::new();
         for (table, columns) in COLUMNS {
@@ -367,7 +371,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     match result {
         Ok(added) => {
             conn.execute_batch("COMMIT").map_err(wrap)?;
-            if version < SCHEMA_VERSION {
+            if version < SCHEMA_VERSION && !added.is_empty() {
                 info!(path = %path.display(), from = version, to = SCHEMA_VERSION, added = ?added, "database migrated");
             }
             Ok(())
