@@ -385,21 +385,14 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
         }
     };
     match kind.as_ref() {
-        "register" => {
+        kind @ ("register" | "heartbeat" | "unregister") => {
             let channel = channel(&raw)?;
-            let pid = pid(raw.pid.as_ref(), true)?.unwrap_or_default();
-            let features = features(text, raw.features.as_ref())?;
-            Ok(Event::Register { channel, pid, features })
-        }
-        "heartbeat" => {
-            let channel = channel(&raw)?;
-            let pid = pid(raw.pid.as_ref(), true)?.unwrap_or_default();
-            Ok(Event::Heartbeat { channel, pid })
-        }
-        "unregister" => {
-            let channel = channel(&raw)?;
-            let pid = pid(raw.pid.as_ref(), true)?.unwrap_or_default();
-            Ok(Event::Unregister { channel, pid })
+            let pid = pid(raw.pid.as_ref())?.ok_or_else(|| missing("pid"))?;
+            Ok(match kind {
+                "register" => Event::Register { channel, pid, features: features(text, raw.features.as_ref())? },
+                "heartbeat" => Event::Heartbeat { channel, pid },
+                _ => Event::Unregister { channel, pid },
+            })
         }
         "llm_usage" => {
             let channel = channel(&raw)?;
@@ -411,7 +404,7 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
             let tokens_in = tokens(raw.tokens_in.as_ref(), "tokens_in")?;
             let tokens_out = tokens(raw.tokens_out.as_ref(), "tokens_out")?;
             let latency_ms = number(raw.latency_ms.as_ref(), "latency_ms", MAX_LATENCY_MS)?;
-            let pid = pid(raw.pid.as_ref(), false)?;
+            let pid = pid(raw.pid.as_ref())?;
             let reported_cost_usd = match number(raw.cost_usd.as_ref(), "cost_usd", MAX_COST_USD)? {
                 Some(c) => Some(c),
                 None => number(raw.estimated_cost.as_ref(), "estimated_cost", MAX_COST_USD)?,
@@ -502,9 +495,9 @@ fn label(v: Option<&Scalar<'_>>, field: &str) -> Result<String, Rejection> {
     }
 }
 
-fn pid(v: Option<&Scalar<'_>>, required: bool) -> Result<Option<u32>, Rejection> {
+/// An optional pid; callers that require one turn `None` into `missing_field`.
+fn pid(v: Option<&Scalar<'_>>) -> Result<Option<u32>, Rejection> {
     let n = match v {
-        None | Some(Scalar::Null) if required => return Err(missing("pid")),
         None | Some(Scalar::Null) => return Ok(None),
         Some(Scalar::Unsigned(n)) => *n as i128,
         Some(Scalar::Signed(n)) => *n as i128,

@@ -48,7 +48,7 @@ impl Framer {
             self.buf = Vec::with_capacity(1024);
         }
         if self.buf.capacity() - self.buf.len() < 512 {
-            self.buf.reserve(8192.min(self.max + 1));
+            self.buf.reserve(8192.min(self.max.saturating_add(1)));
         }
         &mut self.buf
     }

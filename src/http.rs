@@ -298,6 +298,7 @@ struct Slots {
     max: usize,
     base: Instant,
     inner: Mutex<SlotTable>,
+    eviction_log: crate::ingest::RateLimitedLog,
 }
 
 struct SlotTable {
@@ -311,6 +312,7 @@ impl Slots {
             max: max.max(1),
             base: Instant::now(),
             inner: Mutex::new(SlotTable { next_id: 0, open: HashMap::new() }),
+            eviction_log: crate::ingest::RateLimitedLog::new(Duration::from_secs(10)),
         }
     }
 
@@ -347,14 +349,10 @@ impl Slots {
 
     /// Logs evictions at most every 10 s: they mean the limit is reached.
     fn note_eviction(&self) {
-        static LAST: AtomicU64 = AtomicU64::new(0);
-        let now = millis_since(self.base) + 1;
-        let last = LAST.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 10_000)
-            && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
+        if let Some(suppressed) = self.eviction_log.allow() {
             warn!(
                 max_connections = self.max,
+                suppressed,
                 "http connection limit reached; closing connections that send no request (raise --web.max-connections if this is legitimate load)"
             );
         }
@@ -501,7 +499,15 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return metrics(app, &req).await;
     }
     match path {
-        "/" => response(StatusCode::OK, "text/html; charset=utf-8", landing_page(app)),
+        "/" => {
+            // Like /metrics, these walk every bot: off the runtime's workers.
+            let state = app.state.clone();
+            let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
+            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
+                Ok(html) => response(StatusCode::OK, "text/html; charset=utf-8", html),
+                Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "failed\n"),
+            }
+        }
         "/health" => health(app),
         "/healthz" | "/health/live" => response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/health/ready" => {
@@ -511,7 +517,13 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 response(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n")
             }
         }
-        "/api/bots" => json_response(StatusCode::OK, &bots_json(app)),
+        "/api/bots" => {
+            let state = app.state.clone();
+            match tokio::task::spawn_blocking(move || bots_json(&state)).await {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "failed\n"),
+            }
+        }
         "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
         _ => response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
     }
@@ -681,17 +693,15 @@ fn health(app: &App) -> Response<Full<Bytes>> {
 }
 
 /// A snapshot of the bots, sorted by channel, taken under the lock.
-fn bot_rows(app: &App) -> Vec<crate::state::Bot> {
-    let state = app.state.lock().unwrap_or_else(|e| e.into_inner());
-    let mut bots: Vec<_> = state.bots().cloned().collect();
-    drop(state);
+fn bot_rows(state: &Mutex<State>) -> Vec<crate::state::Bot> {
+    let mut bots: Vec<_> = state.lock().unwrap_or_else(|e| e.into_inner()).bots().cloned().collect();
     bots.sort_by(|a, b| a.channel.cmp(&b.channel));
     bots
 }
 
-fn bots_json(app: &App) -> serde_json::Value {
+fn bots_json(state: &Mutex<State>) -> serde_json::Value {
     let now = unix_now();
-    let bots: Vec<_> = bot_rows(app)
+    let bots: Vec<_> = bot_rows(state)
         .into_iter()
         .map(|b| {
             let features: serde_json::Map<_, _> = b.features.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
@@ -727,12 +737,12 @@ pub fn html_escape(s: &str) -> String {
     out
 }
 
-fn landing_page(app: &App) -> String {
+fn landing_page(state: &Mutex<State>, socket_path: &std::path::Path, telemetry_path: &str) -> String {
     let now = unix_now();
-    let bots = bot_rows(app);
+    let bots = bot_rows(state);
     let count = |s: Status| bots.iter().filter(|b| b.status == s).count();
     let mut html = String::with_capacity(4096 + bots.len() * 256);
-    let path = html_escape(&app.telemetry_path);
+    let path = html_escape(telemetry_path);
     let _ = write!(
         html,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>KissBot Exporter</title>\
@@ -746,7 +756,7 @@ fn landing_page(app: &App) -> String {
          <table><tr><th>Channel</th><th>State</th><th>PID</th><th>Heartbeat age</th><th>Registered</th>\
          <th>Restarts</th><th>Features</th></tr>\n",
         version = env!("CARGO_PKG_VERSION"),
-        socket = html_escape(&app.socket_path.display().to_string()),
+        socket = html_escape(&socket_path.display().to_string()),
         n = bots.len(),
         on = count(Status::Online),
         st = count(Status::Stale),

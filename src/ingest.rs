@@ -113,7 +113,7 @@ impl Ingest {
         if self.config.verify_pid == VerifyPid::Off {
             return Ok(());
         }
-        let (Some(peer), Some(pid)) = (peer_pid.filter(|p| *p != 0), event.pid()) else { return Ok(()) };
+        let (Some(peer), Some(pid)) = (peer_pid, event.pid()) else { return Ok(()) };
         if peer == pid {
             return Ok(());
         }
@@ -141,6 +141,8 @@ impl Ingest {
 /// a flood of bad input cannot flood the logs.
 #[derive(Debug)]
 pub struct RateLimitedLog {
+    /// A monotonic origin: the wall clock may step back.
+    base: std::time::Instant,
     interval_ms: u64,
     next_ms: AtomicU64,
     suppressed: AtomicU64,
@@ -150,6 +152,7 @@ impl RateLimitedLog {
     /// At most one line per `interval`.
     pub fn new(interval: Duration) -> RateLimitedLog {
         RateLimitedLog {
+            base: std::time::Instant::now(),
             interval_ms: interval.as_millis() as u64,
             next_ms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
@@ -159,7 +162,7 @@ impl RateLimitedLog {
     /// `Some(n)` if a line may be logged now (`n` were suppressed since the
     /// last one), `None` if this one should be suppressed.
     pub fn allow(&self) -> Option<u64> {
-        let now = (unix_now() * 1000.0) as u64;
+        let now = self.base.elapsed().as_millis() as u64;
         let next = self.next_ms.load(Ordering::Relaxed);
         if now >= next
             && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
@@ -322,9 +325,9 @@ fn admit(
         }
         return;
     }
-    // The kernel's word on who is sending; 0 means the peer lives in a pid
-    // namespace the exporter cannot see.
-    let peer_pid = cred.and_then(|c| c.pid()).map(|p| u32::try_from(p).unwrap_or(0));
+    // The kernel's word on who is sending. It reports 0 for a peer in a pid
+    // namespace the exporter cannot see: that is no answer at all.
+    let peer_pid = cred.and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
     let Ok(permit) = permits.clone().try_acquire_owned() else {
         ingest.metrics.connections_rejected.with_label_values(&["limit"]).inc();
         if let Some(suppressed) = limit_log.allow() {

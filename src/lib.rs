@@ -168,7 +168,7 @@ pub async fn start(config: Config) -> Result<Running> {
         options: store::DbOptions {
             busy_timeout: config.db_busy_timeout,
             // SQLite's default page size is 4 KiB.
-            max_pages: (config.db_max_size_mib > 0).then_some(config.db_max_size_mib * 256),
+            max_pages: (config.db_max_size_mib > 0).then_some(config.db_max_size_mib.saturating_mul(256)),
         },
     };
     let (m, ws) = (metrics.clone(), writer_status.clone());

@@ -16,7 +16,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use prometheus::Gauge as GaugeMetric;
 
 use crate::event::Reason;
-use crate::state::{State, Status, LATENCY_BUCKETS};
+use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
 use crate::store::unix_now;
 
 /// The exporter's own metrics, registered in [`Metrics::registry`].
@@ -210,8 +210,8 @@ impl Metrics {
         if let Some(state) = self.state.get() {
             // A poisoned lock means a panic while mutating; the data is still
             // the best we have, so keep serving it rather than going dark.
-            let state = state.lock().unwrap_or_else(|e| e.into_inner());
-            render_state(&state, unix_now(), &mut out);
+            let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
+            render_state(&snapshot, unix_now(), &mut out);
         }
         out
     }
@@ -278,8 +278,8 @@ type LlmFamily<'a> = (&'a str, &'a str, &'a dyn Fn(&crate::state::LlmSeries) -> 
 /// allocator holding the tree's memory; writing text directly from one pass
 /// over the state is several times faster. Series are sorted by label so
 /// the output is stable.
-fn render_state(state: &State, now: f64, out: &mut String) {
-    let mut bots: Vec<_> = state.bots().map(|b| (escape(&b.channel), b)).collect();
+fn render_state(state: &Snapshot, now: f64, out: &mut String) {
+    let mut bots: Vec<_> = state.bots.iter().map(|b| (escape(&b.channel), b)).collect();
     bots.sort_by(|a, b| a.0.cmp(&b.0));
     let per_bot: [BotFamily<'_>; 8] = [
         ("kissbot_bot_up", "1 if the bot is online, 0 otherwise.", "gauge", &|b| {
@@ -374,12 +374,13 @@ fn render_state(state: &State, now: f64, out: &mut String) {
     }
     render_llm(state, out);
     header(out, "kissbot_exporter_bots", "Bots tracked by the exporter.", "gauge");
-    sample(out, "kissbot_exporter_bots", "", state.bot_count() as f64);
+    sample(out, "kissbot_exporter_bots", "", state.bots.len() as f64);
 }
 
-fn render_llm(state: &State, out: &mut String) {
+fn render_llm(state: &Snapshot, out: &mut String) {
     let mut series: Vec<_> = state
-        .llm_series()
+        .llm
+        .iter()
         .map(|((c, m, f), s)| {
             (format!("channel=\"{}\",model=\"{}\",feature=\"{}\"", escape(c), escape(m), escape(f)), s)
         })
@@ -406,7 +407,7 @@ fn render_llm(state: &State, out: &mut String) {
         }
     }
     let mut unpriced: BTreeMap<&str, u64> = BTreeMap::new();
-    for ((_, model, _), s) in state.llm_series() {
+    for ((_, model, _), s) in &state.llm {
         if s.unpriced > 0 {
             *unpriced.entry(model.as_str()).or_default() += s.unpriced;
         }
@@ -419,7 +420,8 @@ fn render_llm(state: &State, out: &mut String) {
         }
     }
     let mut hists: Vec<_> = state
-        .latencies()
+        .latencies
+        .iter()
         .map(|((c, m), h)| (format!("channel=\"{}\",model=\"{}\"", escape(c), escape(m)), h))
         .collect();
     if hists.is_empty() {

@@ -67,17 +67,19 @@ fn pass(state: &Mutex<State>, config: &SamplerConfig, metrics: &SamplerMetrics, 
         std::thread::sleep(config.test_delay);
     }
     let pids: Vec<Pid> = targets.iter().map(|(_, pid)| Pid::from_u32(*pid)).collect();
+    // Processes of bots no longer sampled (restarted, unregistered) stay in
+    // sysinfo's map; start over when it has grown well past what is sampled,
+    // to keep memory bounded. This must happen before the refresh: reset
+    // after it, every lookup below would miss and every bot look dead.
+    if system.processes().len() > 2 * pids.len() + 64 {
+        *system = System::new();
+    }
     if !pids.is_empty() {
         system.refresh_processes_specifics(
             ProcessesToUpdate::Some(&pids),
             true,
             ProcessRefreshKind::nothing().with_cpu().with_memory(),
         );
-    }
-    // Processes of bots no longer sampled stay in sysinfo's map; start over
-    // when it has grown well past what is sampled, to keep memory bounded.
-    if system.processes().len() > 2 * pids.len() + 64 {
-        *system = System::new();
     }
     let samples = targets
         .into_iter()

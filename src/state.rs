@@ -210,6 +210,17 @@ impl Latency {
     }
 }
 
+/// A point-in-time copy of the state for rendering; see [`State::snapshot`].
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The tracked bots.
+    pub bots: Vec<Bot>,
+    /// The LLM series.
+    pub llm: Vec<(LlmKey, LlmSeries)>,
+    /// The latency histograms by (channel, model).
+    pub latencies: Vec<((String, String), Latency)>,
+}
+
 /// Key of an LLM series.
 pub type LlmKey = (String, String, String);
 
@@ -498,7 +509,7 @@ impl State {
             self.overflow.llm_series.inc();
             key = (OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into());
         }
-        let series = self.llm.entry(key).or_default();
+        let series = self.llm.entry(key.clone()).or_default();
         series.requests += 1;
         series.input_tokens += u.tokens_in;
         series.output_tokens += u.tokens_out;
@@ -510,11 +521,9 @@ impl State {
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
         if let Some(ms) = u.latency_ms {
-            let mut key = (u.channel.clone(), u.model.clone());
-            if !self.latency.contains_key(&key) && self.latency.len() >= self.config.max_llm_series {
-                key = (OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into());
-            }
-            self.latency.entry(key).or_default().observe(ms / 1000.0);
+            // The histogram follows its series into `other`, so the two stay
+            // consistent and latency keys never outnumber series keys.
+            self.latency.entry((key.0, key.1)).or_default().observe(ms / 1000.0);
         }
         out.push(Row::LlmUsage {
             ts: now,
@@ -650,6 +659,17 @@ impl State {
         }
     }
 
+    /// A copy of everything the metrics show, taken under the lock so that
+    /// formatting hundreds of thousands of lines happens after it is
+    /// released and never stalls ingest.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            bots: self.bots.values().cloned().collect(),
+            llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
+            latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+        }
+    }
+
     /// The CPU seconds of all of a bot's processes seen while tracked.
     pub fn cpu_seconds_total(bot: &Bot) -> f64 {
         bot.cpu_base + bot.process.map_or(0.0, |p| p.cpu_seconds)
@@ -668,16 +688,6 @@ impl State {
     /// The LLM series.
     pub fn llm_series(&self) -> impl Iterator<Item = (&LlmKey, &LlmSeries)> {
         self.llm.iter()
-    }
-
-    /// The latency histograms.
-    pub fn latencies(&self) -> impl Iterator<Item = (&(String, String), &Latency)> {
-        self.latency.iter()
-    }
-
-    /// The price table in force.
-    pub fn pricing(&self) -> &PriceTable {
-        &self.pricing
     }
 
     /// Replaces the price table (on reload); later calls use the new prices.
@@ -755,11 +765,14 @@ mod tests {
         assert_eq!(s.overflow.channel.get(), 1);
         for m in ["m1", "m2", "m3", "m4"] {
             let line = format!(
-                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1}}"#
+                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5}}"#
             );
             send(&mut s, &line, 0.0);
         }
         assert_eq!(s.llm_series().count(), 3, "two real series and one overflow series");
         assert_eq!(s.overflow.llm_series.get(), 2);
+        // Histograms follow their series into `other`: one per series key.
+        assert_eq!(s.latency.len(), 3);
+        assert_eq!(s.latency[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
     }
 }

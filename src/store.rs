@@ -7,7 +7,7 @@
 //! the writer drains what is left, closes the database and the thread ends.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -55,7 +55,7 @@ pub enum Row {
         channel: String,
         /// The pid the event is about.
         pid: u32,
-        /// `register`, `unregister`, `restart`, `stale`, `recovered`, `dead`, `expired`.
+        /// `register`, `unregister`, `restart`, `stale`, `recovered`, `dead`.
         event: &'static str,
         /// Optional free text, e.g. the previous pid of a restart.
         detail: Option<String>,
@@ -137,6 +137,8 @@ pub struct WriterStatus {
 #[derive(Clone)]
 pub struct Sink {
     tx: Sender<Row>,
+    /// Rows queued and not yet taken by the writer; the queue's bound.
+    pending: Arc<AtomicI64>,
     depth: IntGauge,
     capacity: i64,
     dropped_full: IntCounter,
@@ -148,17 +150,18 @@ impl Sink {
     /// Returns whether the row was queued.
     pub fn send(&self, row: Row) -> bool {
         // The channel itself is unbounded (a bounded one preallocates every
-        // slot, megabytes at idle); the depth gauge is the bound. Count before
-        // sending so the writer's decrement can never make it negative.
-        self.depth.inc();
-        if self.depth.get() > self.capacity {
-            self.depth.dec();
+        // slot, megabytes at idle); `pending` is the bound. Reserve a place
+        // before sending so the writer's decrement can never go below zero.
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             self.dropped_full.inc();
             return false;
         }
+        self.depth.inc();
         match self.tx.send(row) {
             Ok(()) => true,
             Err(_) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
                 self.depth.dec();
                 self.dropped_closed.inc();
                 false
@@ -213,10 +216,12 @@ pub fn start(
     status: Arc<WriterStatus>,
 ) -> Result<(Sink, Vec<RestoredBot>, Writer)> {
     let (tx, rx) = mpsc::channel::<Row>();
+    let pending = Arc::new(AtomicI64::new(0));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<RestoredBot>>>();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let worker = WriterLoop {
         rx,
+        pending: pending.clone(),
         batch_size: config.batch_size.max(1),
         depth: metrics.queue_depth.clone(),
         rows_written: metrics.db_rows_written.clone(),
@@ -245,6 +250,7 @@ pub fn start(
     let bots = ready_rx.recv().map_err(|_| Error::WriterGone)??;
     let sink = Sink {
         tx,
+        pending,
         depth: metrics.queue_depth.clone(),
         capacity: i64::try_from(config.queue_capacity.max(1)).unwrap_or(i64::MAX),
         dropped_full: metrics.events_dropped.with_label_values(&["queue_full"]),
@@ -254,11 +260,6 @@ pub fn start(
 }
 
 /// Opens (creating if needed) and migrates a database file.
-pub fn open(path: &Path) -> Result<Connection> {
-    open_with(path, DbOptions::default())
-}
-
-/// [`open`] with explicit options.
 pub fn open_with(path: &Path, options: DbOptions) -> Result<Connection> {
     let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
     let conn = Connection::open(path).map_err(wrap)?;
@@ -349,7 +350,8 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     // bots' usage logger) cannot interleave with the schema change.
     conn.execute_batch("BEGIN IMMEDIATE").map_err(wrap)?;
     let result = (|| -> rusqlite::Result<Vec<String>> {
-        let existing: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        let existing: i64 =
+            conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
         if existing == 0 {
             info!(path = %path.display(), "database created");
         }
@@ -390,7 +392,7 @@ fn column_names(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>>
 }
 
 /// Reads every bot from `bot_status`, skipping rows that cannot be understood.
-pub fn load_bots(conn: &Connection) -> Result<Vec<RestoredBot>> {
+fn load_bots(conn: &Connection) -> Result<Vec<RestoredBot>> {
     let mut stmt = conn.prepare(
         "SELECT channel, CAST(pid AS INTEGER), status, features_json, registered_at, last_seen FROM bot_status",
     )?;
@@ -462,6 +464,7 @@ pub fn parse_time(s: &str) -> Option<f64> {
 
 struct WriterLoop {
     rx: Receiver<Row>,
+    pending: Arc<AtomicI64>,
     batch_size: usize,
     depth: IntGauge,
     rows_written: IntCounter,
@@ -544,6 +547,7 @@ impl WriterLoop {
                 }
             }
             if !batch.is_empty() {
+                self.pending.fetch_sub(batch.len() as i64, Ordering::AcqRel);
                 self.depth.sub(batch.len() as i64);
                 self.commit_with_retry(&mut db, &mut batch);
             }
