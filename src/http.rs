@@ -458,7 +458,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
     response(status, "application/json", value.to_string())
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response(status, "text/plain; charset=utf-8", body)
 }
 
@@ -491,7 +491,7 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return reload(app, &req).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
@@ -505,27 +505,27 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
             match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
                 Ok(html) => response(StatusCode::OK, "text/html; charset=utf-8", html),
-                Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "failed\n"),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
             }
         }
         "/health" => health(app),
-        "/healthz" | "/health/live" => response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/healthz" | "/health/live" => text(StatusCode::OK, "ok\n"),
         "/health/ready" => {
             if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
-                response(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
+                text(StatusCode::OK, "ready\n")
             } else {
-                response(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n")
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
         "/api/bots" => {
             let state = app.state.clone();
             match tokio::task::spawn_blocking(move || bots_json(&state)).await {
                 Ok(v) => json_response(StatusCode::OK, &v),
-                Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "failed\n"),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
             }
         }
         "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
-        _ => response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
@@ -559,29 +559,25 @@ async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         Err(e) => {
             warn!(error = %e, "rendering metrics failed");
-            response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "rendering metrics failed\n")
+            text(StatusCode::INTERNAL_SERVER_ERROR, "rendering metrics failed\n")
         }
     }
 }
 
 async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::POST {
-        let mut r = response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use POST\n");
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
         return r;
     }
     if !app.enable_lifecycle {
-        return response(
-            StatusCode::FORBIDDEN,
-            "text/plain; charset=utf-8",
-            "lifecycle API is not enabled (start with --web.enable-lifecycle)\n",
-        );
+        return text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n");
     }
     let r = app.reloader.clone();
     match tokio::task::spawn_blocking(move || r.reload()).await {
-        Ok(Ok(())) => response(StatusCode::OK, "text/plain; charset=utf-8", "reloaded\n"),
-        Ok(Err(e)) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{e}\n")),
-        Err(_) => response(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "reload failed\n"),
+        Ok(Ok(())) => text(StatusCode::OK, "reloaded\n"),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload failed\n"),
     }
 }
 

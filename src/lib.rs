@@ -128,10 +128,7 @@ impl Running {
             warn!(error = %e, "http task failed");
         }
         let m = &self.metrics;
-        let dropped: u64 = ["queue_full", "writer_stopped", "db_error"]
-            .iter()
-            .map(|r| m.events_dropped.with_label_values(&[r]).get())
-            .sum();
+        let dropped: u64 = metrics::DROP_REASONS.iter().map(|r| m.events_dropped.with_label_values(&[r]).get()).sum();
         info!(
             llm_usage_accepted = m.messages.with_label_values(&["llm_usage"]).get(),
             rows_written = m.db_rows_written.get(),

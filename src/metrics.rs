@@ -19,6 +19,10 @@ use crate::event::Reason;
 use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
 use crate::store::unix_now;
 
+/// Why a row was not written: the `reason` values of
+/// `kissbot_exporter_events_dropped_total`.
+pub const DROP_REASONS: [&str; 3] = ["queue_full", "writer_stopped", "db_error"];
+
 /// The exporter's own metrics, registered in [`Metrics::registry`].
 #[derive(Clone)]
 pub struct Metrics {
@@ -159,7 +163,7 @@ impl Metrics {
         for t in ["register", "heartbeat", "unregister", "llm_usage"] {
             m.messages.with_label_values(&[t]);
         }
-        for r in ["queue_full", "writer_stopped", "db_error"] {
+        for r in DROP_REASONS {
             m.events_dropped.with_label_values(&[r]);
         }
         for l in ["channel", "llm_series", "length"] {
