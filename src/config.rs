@@ -85,6 +85,21 @@ pub struct Config {
     #[arg(long = "web.max-connections", env = "KISSBOT_EXPORTER_WEB_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub web_max_connections: u32,
 
+    /// Most `/api/usage` queries run at once; beyond it, 503 with `Retry-After`.
+    #[arg(long = "web.max-usage-queries", env = "KISSBOT_EXPORTER_WEB_MAX_USAGE_QUERIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub web_max_usage_queries: u32,
+
+    /// A `/api/usage` query still running after this long is stopped (503).
+    #[arg(long = "web.usage-query-timeout", env = "KISSBOT_EXPORTER_WEB_USAGE_QUERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub web_usage_query_timeout: Duration,
+
+    /// Most memory, in MiB, that large response bodies (metrics, landing
+    /// page, bots list) may hold across all connections still sending them.
+    /// Beyond it scrapes share the newest rendered body and the other pages
+    /// answer 503, so clients that never read cannot exhaust memory.
+    #[arg(long = "web.max-response-memory-mib", env = "KISSBOT_EXPORTER_WEB_MAX_RESPONSE_MEMORY_MIB", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub web_max_response_memory_mib: u64,
+
     /// A bot without a heartbeat for this long is marked stale.
     #[arg(long = "heartbeat.stale-after", env = "KISSBOT_EXPORTER_HEARTBEAT_STALE_AFTER", default_value = "90s", value_parser = parse_duration)]
     pub heartbeat_stale_after: Duration,
@@ -104,9 +119,22 @@ pub struct Config {
     #[arg(long = "db.max-size-mib", env = "KISSBOT_EXPORTER_DB_MAX_SIZE_MIB", default_value_t = 0)]
     pub db_max_size_mib: u64,
 
-    /// Delete `bot_metrics`, `llm_usage` and `bot_events` rows older than this; `0` keeps everything.
+    /// Delete `bot_metrics` and `bot_events` rows (process samples and
+    /// lifecycle events) older than this; `0` keeps them all. Never touches
+    /// `llm_usage`, the cost ledger: see `--db.llm-usage-retention`.
     #[arg(long = "db.retention", env = "KISSBOT_EXPORTER_DB_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub db_retention: Duration,
+
+    /// Delete `llm_usage` rows (the LLM cost ledger) older than this; `0`
+    /// (the default) keeps every row forever.
+    #[arg(long = "db.llm-usage-retention", env = "KISSBOT_EXPORTER_DB_LLM_USAGE_RETENTION", default_value = "0", value_parser = parse_duration)]
+    pub db_llm_usage_retention: Duration,
+
+    /// Before the first schema change to an existing database file, write a
+    /// consistent copy next to it (`<file>.v<version>-<time>.bak`, SQLite's
+    /// online backup); `false` skips it.
+    #[arg(long = "db.migration-backup", env = "KISSBOT_EXPORTER_DB_MIGRATION_BACKUP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub db_migration_backup: bool,
 
     /// How often the bots' processes are sampled for CPU and memory.
     #[arg(long = "sampler.interval", env = "KISSBOT_EXPORTER_SAMPLER_INTERVAL", default_value = "15s", value_parser = parse_duration)]
@@ -124,6 +152,15 @@ pub struct Config {
     /// Most (channel, model, feature) LLM series; beyond it calls count under `other`.
     #[arg(long = "limits.max-llm-series", env = "KISSBOT_EXPORTER_LIMITS_MAX_LLM_SERIES", default_value_t = 10_000)]
     pub limits_max_llm_series: usize,
+
+    /// Most features kept per bot (each is a `kissbot_bot_feature_enabled`
+    /// series); further ones in a register are ignored and counted.
+    #[arg(
+        long = "limits.max-features-per-bot",
+        env = "KISSBOT_EXPORTER_LIMITS_MAX_FEATURES_PER_BOT",
+        default_value_t = 64
+    )]
+    pub limits_max_features_per_bot: usize,
 
     /// Capacity of the queue between ingest and the database writer, in rows.
     #[arg(long = "queue.capacity", env = "KISSBOT_EXPORTER_QUEUE_CAPACITY", default_value_t = 65536)]

@@ -10,17 +10,20 @@ use std::path::PathBuf;
 /// logged where it happens and never reaches the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Another exporter is alive on the same socket path.
-    #[error("socket {path} is in use by another running exporter")]
-    SocketInUse {
-        /// The contested socket path.
-        path: PathBuf,
-    },
     /// The socket path exists and is not a socket, so it is never removed.
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket {
         /// The path that is in the way.
         path: PathBuf,
+    },
+    /// A stale socket from an earlier run could not be removed.
+    #[error("cannot replace the stale socket {path} left by an earlier run: {source}")]
+    StaleSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
     },
     /// Binding or preparing the Unix socket failed.
     #[error("cannot listen on socket {path}: {source}")]
@@ -58,6 +61,61 @@ pub enum Error {
         found: i64,
         /// The newest version this build understands.
         supported: i64,
+    },
+    /// The database file was inspected and refused; it was not changed.
+    #[error("refusing database {path}: {reason}; the file was not changed")]
+    DbRefused {
+        /// The database file.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The backup before a migration could not be written; nothing was migrated.
+    #[error(
+        "cannot back up database {path} to {target} before migrating it: {source}; \
+         free space or start with --db.migration-backup=false"
+    )]
+    DbBackup {
+        /// The database file.
+        path: PathBuf,
+        /// The backup file.
+        target: PathBuf,
+        /// The underlying SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Another process holds a lock this exporter needs.
+    #[error("{what} {path} is in use by another running exporter (its lock file {lock} is held)")]
+    InUse {
+        /// What is contested: `socket` or `database`.
+        what: &'static str,
+        /// The contested path.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A lock file could not be opened or created.
+    #[error("cannot use lock file {lock} for {what} {path}: {source}")]
+    Lock {
+        /// What the lock protects: `socket` or `database`.
+        what: &'static str,
+        /// The protected path.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A process that does not take the lock (the legacy Python monitor)
+    /// answers on the socket.
+    #[error(
+        "socket {path} is served by another process that holds no kissbot-exporter lock \
+         (the legacy Python monitor?); stop it first"
+    )]
+    ForeignListener {
+        /// The socket path.
+        path: PathBuf,
     },
     /// A SQLite error outside of opening.
     #[error("database error: {0}")]

@@ -30,13 +30,14 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderName, HeaderValue, ACCEPT_ENCODING, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, VARY,
-    WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, ACCEPT_ENCODING, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE,
+    RETRY_AFTER, VARY, WWW_AUTHENTICATE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,10 +46,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::clock::{format_time, parse_time, unix_now};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::state::{State, Status};
-use crate::store::{format_time, unix_now, WriterStatus};
+use crate::store::usage::{self, UsageError, UsageGroup, UsageQuery};
+use crate::store::WriterStatus;
 use crate::web_config::{BasicAuth, WebConfig};
 
 /// The content type of the Prometheus text format 0.0.4.
@@ -108,6 +111,135 @@ pub struct App {
     pub reloader: Arc<crate::Reloader>,
     /// Whether `POST /-/reload` is allowed.
     pub enable_lifecycle: bool,
+    /// Bounds on `/api/usage` queries.
+    pub usage: UsageLimits,
+    /// Renders shared by concurrent scrapes, and the response memory budget.
+    pub scrapes: ScrapeCache,
+}
+
+/// Bounds on `/api/usage` queries, which read SQLite and can be slow on a
+/// large file.
+pub struct UsageLimits {
+    /// One permit per query running; a query's thread holds it until it ends,
+    /// even if its client has gone, so the bound counts real work.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// A query is stopped after this long.
+    pub timeout: Duration,
+    /// Set at shutdown: running queries stop.
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// A response body that counts itself in the budget while any copy of it is
+/// alive (hyper's write buffer included).
+struct Accounted {
+    data: Vec<u8>,
+    live: IntGauge,
+}
+
+impl AsRef<[u8]> for Accounted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Accounted {
+    fn drop(&mut self) {
+        self.live.sub(self.data.len() as i64);
+    }
+}
+
+/// One rendering of `/metrics`, shared by every scrape that can use it.
+struct Generation {
+    plain: Bytes,
+    gzip: std::sync::OnceLock<Bytes>,
+    done_at: Instant,
+}
+
+/// Coalesces concurrent scrapes onto one render and bounds the memory that
+/// response bodies hold.
+///
+/// A scrape that arrives while a render runs waits for it and sends its
+/// result; one that arrives later renders anew — unless the bodies still
+/// held by connections (slow or non-reading clients) exceed the budget
+/// (`--web.max-response-memory-mib`), in which case it sends the newest body
+/// too. Only one render runs at a time. The other large pages (the landing
+/// page, the bots list) count in the same budget and answer 503 beyond it,
+/// so a client that requests and never reads cannot make the exporter hold
+/// more.
+pub struct ScrapeCache {
+    current: tokio::sync::Mutex<Option<Arc<Generation>>>,
+    live: IntGauge,
+    budget: usize,
+}
+
+impl ScrapeCache {
+    /// An empty cache: bodies count in `live`, at most `budget` bytes.
+    pub fn new(live: IntGauge, budget: usize) -> ScrapeCache {
+        ScrapeCache { current: tokio::sync::Mutex::new(None), live, budget }
+    }
+
+    /// Bytes held by large response bodies now.
+    pub fn live_bytes(&self) -> usize {
+        usize::try_from(self.live.get()).unwrap_or(0)
+    }
+
+    fn over_budget(&self, more: usize) -> bool {
+        self.live_bytes().saturating_add(more) > self.budget
+    }
+
+    /// Wraps a body so it counts in the budget while alive.
+    fn account(&self, data: Vec<u8>) -> Bytes {
+        self.live.add(data.len() as i64);
+        Bytes::from_owner(Accounted { data, live: self.live.clone() })
+    }
+
+    /// The metrics body for a scrape that arrived at `arrived`.
+    async fn get(&self, metrics: &Metrics, arrived: Instant, gzip: bool) -> std::result::Result<Bytes, String> {
+        let mut current = self.current.lock().await;
+        let reuse = match &*current {
+            Some(g) if g.done_at >= arrived => Some(g.clone()),
+            Some(g) if self.over_budget(g.plain.len()) => {
+                debug!(
+                    live_bytes = self.live_bytes(),
+                    "response memory budget reached; scrape served the newest render"
+                );
+                Some(g.clone())
+            }
+            _ => None,
+        };
+        let generation = match reuse {
+            Some(g) => g,
+            None => {
+                let m = metrics.clone();
+                let text = tokio::task::spawn_blocking(move || m.render()).await.map_err(|e| e.to_string())?;
+                let g = Arc::new(Generation {
+                    plain: self.account(text.into_bytes()),
+                    gzip: std::sync::OnceLock::new(),
+                    done_at: Instant::now(),
+                });
+                *current = Some(g.clone());
+                g
+            }
+        };
+        if !gzip {
+            return Ok(generation.plain.clone());
+        }
+        if let Some(z) = generation.gzip.get() {
+            return Ok(z.clone());
+        }
+        let plain = generation.plain.clone();
+        let z = tokio::task::spawn_blocking(move || {
+            let mut enc =
+                flate2::write::GzEncoder::new(Vec::with_capacity(plain.len() / 4), flate2::Compression::fast());
+            enc.write_all(&plain).and_then(|_| enc.finish())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let z = self.account(z);
+        let _ = generation.gzip.set(z.clone());
+        Ok(z)
+    }
 }
 
 /// Binds the HTTP listener; the bound address is returned so that port 0 works.
@@ -298,7 +430,7 @@ struct Slots {
     max: usize,
     base: Instant,
     inner: Mutex<SlotTable>,
-    eviction_log: crate::ingest::RateLimitedLog,
+    eviction_log: crate::ratelimit::RateLimitedLog,
 }
 
 struct SlotTable {
@@ -312,7 +444,7 @@ impl Slots {
             max: max.max(1),
             base: Instant::now(),
             inner: Mutex::new(SlotTable { next_id: 0, open: HashMap::new() }),
-            eviction_log: crate::ingest::RateLimitedLog::new(Duration::from_secs(10)),
+            eviction_log: crate::ratelimit::RateLimitedLog::new(Duration::from_secs(10)),
         }
     }
 
@@ -501,10 +633,15 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match path {
         "/" => {
             // Like /metrics, these walk every bot: off the runtime's workers.
+            if app.scrapes.over_budget(0) {
+                return busy("landing page");
+            }
             let state = app.state.clone();
             let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
             match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
-                Ok(html) => response(StatusCode::OK, "text/html; charset=utf-8", html),
+                Ok(html) => {
+                    response(StatusCode::OK, "text/html; charset=utf-8", app.scrapes.account(html.into_bytes()))
+                }
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
             }
         }
@@ -518,9 +655,12 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/api/bots" => {
+            if app.scrapes.over_budget(0) {
+                return busy("bots list");
+            }
             let state = app.state.clone();
-            match tokio::task::spawn_blocking(move || bots_json(&state)).await {
-                Ok(v) => json_response(StatusCode::OK, &v),
+            match tokio::task::spawn_blocking(move || bots_json(&state).to_string()).await {
+                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
             }
         }
@@ -529,30 +669,37 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
+/// `gzip;q=0` refuses it, and `*` stands for it when gzip is not named.
+pub fn accepts_gzip(header: &str) -> bool {
+    let mut star = None;
+    for item in header.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("q").then(|| v.trim().parse::<f64>().ok()).flatten()
+            })
+            .next()
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "x-gzip" => return q > 0.0,
+            "*" => star = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    star.unwrap_or(false)
+}
+
 async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let gzip = req
-        .headers()
-        .get(ACCEPT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|e| e.trim().split(';').next() == Some("gzip")));
-    let m = app.metrics.clone();
-    let rendered = tokio::task::spawn_blocking(move || {
-        let text = m.render();
-        if !gzip {
-            return (Bytes::from(text), false);
-        }
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(text.len() / 4), flate2::Compression::fast());
-        match enc.write_all(text.as_bytes()).and_then(|_| enc.finish()) {
-            Ok(z) => (Bytes::from(z), true),
-            Err(_) => (Bytes::from(text), false),
-        }
-    })
-    .await;
-    match rendered {
-        Ok((body, gzipped)) => {
+    let arrived = Instant::now();
+    let gzip = req.headers().get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(accepts_gzip);
+    match app.scrapes.get(&app.metrics, arrived, gzip).await {
+        Ok(body) => {
             let mut r = response(StatusCode::OK, METRICS_CONTENT_TYPE, body);
             r.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
-            if gzipped {
+            if gzip {
                 r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             }
             r
@@ -562,6 +709,14 @@ async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::INTERNAL_SERVER_ERROR, "rendering metrics failed\n")
         }
     }
+}
+
+/// 503 for a page that would take the response memory over its budget.
+fn busy(what: &str) -> Response<Full<Bytes>> {
+    let mut r =
+        text(StatusCode::SERVICE_UNAVAILABLE, format!("{what}: too many large responses in flight; retry shortly\n"));
+    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    r
 }
 
 async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -581,43 +736,71 @@ async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// `/api/usage?since=24h&group_by=model`: sums from SQLite, read on the
-/// blocking pool. `since` is a duration back from now or an ISO-8601 time.
+/// Sets a flag when dropped: hyper drops a request's future when its client
+/// goes away, and the query thread sees the flag and stops.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `/api/usage?since=24h&group_by=model`: sums from SQLite. `since` is a
+/// duration back from now or a time in any form the database holds. At most
+/// `--web.max-usage-queries` run at once (503 with `Retry-After` beyond),
+/// each on a thread of its own, stopped when its client goes away, after
+/// `--web.usage-query-timeout`, or at shutdown.
 async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
     let mut since = None;
-    let mut group_by = crate::store::GroupBy::Model;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        match k {
+    let mut group_by = usage::GroupBy::Model;
+    for (k, v) in form_pairs(query) {
+        match k.as_str() {
             "since" => match crate::config::parse_duration(&v) {
                 Ok(d) => since = Some(unix_now() - d.as_secs_f64()),
-                Err(_) => match crate::store::parse_time(&v) {
+                Err(_) => match parse_time(&v) {
                     Some(t) => since = Some(t),
                     None => {
                         return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time"))
                     }
                 },
             },
-            "group_by" => match crate::store::GroupBy::parse(&v) {
+            "group_by" => match usage::GroupBy::parse(&v) {
                 Some(g) => group_by = g,
                 None => return bad_request("group_by must be channel, model or feature"),
             },
             _ => return bad_request(&format!("unknown parameter {k:?}")),
         }
     }
-    let path = app.db_path.clone();
-    match tokio::task::spawn_blocking(move || crate::store::usage_totals(&path, since, group_by)).await {
+    let Ok(permit) = app.usage.permits.clone().try_acquire_owned() else {
+        let mut r = json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "too many usage queries running (--web.max-usage-queries); retry shortly"}),
+        );
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+        return r;
+    };
+    let pricing = app.state.lock().unwrap_or_else(|e| e.into_inner()).pricing().clone();
+    let q = UsageQuery { path: app.db_path.clone(), since, group_by, pricing, timeout: app.usage.timeout };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let stopping = app.usage.stopping.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("kissbot-usage".into()).spawn(move || {
+        let result = usage::usage_totals(&q, cancel, stopping);
+        drop(permit);
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start a usage query thread");
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "cannot start the query"}));
+    }
+    match rx.await {
         Ok(Ok(groups)) => {
-            let total = groups.iter().fold(crate::store::UsageGroup::default(), |mut t, g| {
-                t.requests += g.requests;
-                t.tokens_in += g.tokens_in;
-                t.tokens_out += g.tokens_out;
-                t.cost_usd += g.cost_usd;
-                t.unpriced_requests += g.unpriced_requests;
-                t.errors += g.errors;
-                t
-            });
+            let mut total = UsageGroup::default();
+            for g in &groups {
+                total.add(g);
+            }
             json_response(
                 StatusCode::OK,
                 &json!({
@@ -628,7 +811,17 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
                 }),
             )
         }
-        Ok(Err(e)) => {
+        Ok(Err(UsageError::Stopped(usage::Stopped::Timeout))) => {
+            warn!(timeout = ?app.usage.timeout, "usage query stopped at its time limit");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": format!("query took longer than --web.usage-query-timeout ({:?}); narrow it with since=", app.usage.timeout)}),
+            )
+        }
+        Ok(Err(UsageError::Stopped(usage::Stopped::Cancelled))) => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "query cancelled"}))
+        }
+        Ok(Err(UsageError::Failed(e))) => {
             warn!(error = %e, "usage query failed");
             json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": e.to_string()}))
         }
@@ -636,32 +829,13 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
     }
 }
 
-fn bad_request(msg: &str) -> Response<Full<Bytes>> {
-    json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+/// The decoded `key=value` pairs of a query string.
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
 }
 
-/// Decodes `%XX` escapes and `+` in a query value.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn bad_request(msg: &str) -> Response<Full<Bytes>> {
+    json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
 }
 
 fn health(app: &App) -> Response<Full<Bytes>> {
@@ -780,7 +954,21 @@ fn landing_page(state: &Mutex<State>, socket_path: &std::path::Path, telemetry_p
 
 #[cfg(test)]
 mod tests {
-    use super::{html_escape, CHALLENGE};
+    use super::{accepts_gzip, html_escape, CHALLENGE};
+
+    #[test]
+    fn gzip_q_values() {
+        assert!(accepts_gzip("gzip"));
+        assert!(accepts_gzip("deflate, gzip;q=0.5"));
+        assert!(accepts_gzip("GZIP"));
+        assert!(accepts_gzip("*"));
+        assert!(!accepts_gzip("gzip;q=0"));
+        assert!(!accepts_gzip("gzip;q=0, identity"));
+        assert!(!accepts_gzip("gzip; q=0.0, *"));
+        assert!(!accepts_gzip("identity"));
+        assert!(!accepts_gzip("*;q=0"));
+        assert!(!accepts_gzip(""));
+    }
 
     #[test]
     fn challenge_names_the_realm() {

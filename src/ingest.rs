@@ -6,12 +6,10 @@
 //! Nothing is ever written back to a client, and nothing here waits on the
 //! database: rows go to the writer through [`Sink::send`], which never blocks.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,13 +21,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::clock::unix_now;
 use crate::config::VerifyPid;
 use crate::error::{Error, Result};
 use crate::event::{parse_line, Event, Reason, Rejection};
 use crate::frame::Framer;
+use crate::lockfile::{lock_path, warn_unreadable, Acquired, LockFile};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimitedLog;
+use crate::row::Row;
 use crate::state::State;
-use crate::store::{unix_now, Row, Sink};
+use crate::store::Sink;
 
 /// How long connections still open at shutdown may keep sending before they
 /// are closed: fire-and-forget clients finish their line well within it.
@@ -137,51 +139,16 @@ impl Ingest {
     }
 }
 
-/// Lets one log line through per interval and counts the ones held back, so
-/// a flood of bad input cannot flood the logs.
-#[derive(Debug)]
-pub struct RateLimitedLog {
-    /// A monotonic origin: the wall clock may step back.
-    base: std::time::Instant,
-    interval_ms: u64,
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl RateLimitedLog {
-    /// At most one line per `interval`.
-    pub fn new(interval: Duration) -> RateLimitedLog {
-        RateLimitedLog {
-            base: std::time::Instant::now(),
-            interval_ms: interval.as_millis() as u64,
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)` if a line may be logged now (`n` were suppressed since the
-    /// last one), `None` if this one should be suppressed.
-    pub fn allow(&self) -> Option<u64> {
-        let now = self.base.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 /// Owns the socket file and its lock; removes the socket when dropped, but
-/// only if the path still holds the very socket this process created.
+/// only if the path still holds the very socket this process created, and
+/// then the lock file.
 #[derive(Debug)]
 pub struct SocketGuard {
     path: PathBuf,
     inode: u64,
-    _lock: File,
     removed: AtomicBool,
+    // Dropped after `Drop::drop` has removed the socket.
+    _lock: Option<LockFile>,
 }
 
 impl SocketGuard {
@@ -212,39 +179,37 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Binds the Unix socket. A lock file next to it (`<path>.lock`) makes a
-/// second exporter fail fast instead of stealing the socket; a leftover
-/// socket from a crashed run is replaced; a path that is not a socket is
+/// Binds the Unix socket. A lock file next to it (`<path>.lock`, see
+/// [`crate::lockfile`]) makes a second exporter fail fast instead of
+/// stealing the socket; a leftover socket from a crashed run is replaced; a
+/// socket that answers without the lock held (the legacy Python monitor) is
+/// left alone with an error that says so; a path that is not a socket is
 /// never removed. The mode applies from the first instant (umask around
 /// `bind`, not `chmod` after), so there is no window with wider permissions.
+/// On any failure the lock file is removed again: a failed start leaves
+/// nothing behind.
 pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener, SocketGuard)> {
     let bind_err = |source| Error::SocketBind { path: path.to_owned(), source };
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(bind_err)?;
-    // SAFETY: flock on a file descriptor we own has no memory-safety impact.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::SocketInUse { path: path.to_owned() });
+    let answers = || std::os::unix::net::UnixStream::connect(path).is_ok();
+    let lock = match LockFile::acquire("socket", path)? {
+        Acquired::Held(lock) => Some(lock),
+        Acquired::Unreadable(e) => {
+            if answers() {
+                return Err(Error::InUse { what: "socket", path: path.to_owned(), lock: lock_path(path) });
+            }
+            warn_unreadable("socket", path, &e);
+            None
         }
-        return Err(bind_err(e));
-    }
+    };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            // Held lock but a socket answers: a monitor that does not use the
-            // lock (the legacy Python one) is running there.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::SocketInUse { path: path.to_owned() });
+            // We hold the lock, yet a socket answers: a monitor that does not
+            // use the lock (the legacy Python one) is running there.
+            if answers() {
+                return Err(Error::ForeignListener { path: path.to_owned() });
             }
             info!(path = %path.display(), "replacing a stale socket from an earlier run");
-            std::fs::remove_file(path).map_err(bind_err)?;
+            std::fs::remove_file(path).map_err(|source| Error::StaleSocket { path: path.to_owned(), source })?;
         }
         Ok(_) => return Err(Error::NotASocket { path: path.to_owned() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -257,15 +222,17 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener,
     // SAFETY: as above; restores the previous mask.
     unsafe { libc::umask(old) };
     let std_listener = bound.map_err(bind_err)?;
+    let inode = std::fs::symlink_metadata(path).map_err(bind_err)?.ino();
+    // From here on the guard removes the socket if a later step fails.
+    let guard = SocketGuard { path: path.to_owned(), inode, removed: AtomicBool::new(false), _lock: lock };
     std_listener.set_nonblocking(true).map_err(bind_err)?;
     if let Some(gid) = group {
         // The mode was already restrictive at creation, so handing the file
         // to a group only ever widens access to that group.
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_err)?;
     }
-    let inode = std::fs::symlink_metadata(path).map_err(bind_err)?.ino();
     let listener = UnixListener::from_std(std_listener).map_err(bind_err)?;
-    Ok((listener, SocketGuard { path: path.to_owned(), inode, _lock: lock, removed: AtomicBool::new(false) }))
+    Ok((listener, guard))
 }
 
 /// Accepts connections until `shutdown` fires, then removes the socket file,

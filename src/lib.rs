@@ -4,6 +4,10 @@
 //!
 //! # Modules
 //!
+//! - [`clock`]: Unix time and the ISO-8601 strings of the database (bottom of the graph).
+//! - [`row`]: the database rows, shared by the state machine and the store.
+//! - [`ratelimit`]: rate-limited log lines for bad input.
+//! - `lockfile`: the lock files that keep two exporters off one socket or database.
 //! - [`config`]: flags and environment variables (clap).
 //! - [`ingest`]: the Unix socket: safe bind, accept loop, per-connection line reader.
 //! - [`event`]: the wire messages and their validation; rejection reasons.
@@ -25,6 +29,7 @@
 //! shutdown future, which is all the binary does.
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -33,8 +38,11 @@ pub mod frame;
 pub mod fuzz_support;
 pub mod http;
 pub mod ingest;
+mod lockfile;
 pub mod metrics;
 pub mod pricing;
+pub mod ratelimit;
+pub mod row;
 pub mod sampler;
 pub mod shutdown;
 pub mod state;
@@ -55,11 +63,13 @@ use tracing::{info, warn};
 pub use crate::config::Config;
 pub use crate::error::{Error, Result};
 
-use crate::ingest::{Ingest, IngestConfig, RateLimitedLog};
+use crate::ingest::{Ingest, IngestConfig};
+use crate::lockfile::{Acquired, LockFile};
 use crate::metrics::Metrics;
 use crate::pricing::PriceTable;
+use crate::ratelimit::RateLimitedLog;
 use crate::state::{OverflowCounters, State, StateConfig};
-use crate::store::{Sink, StoreConfig, WriterStatus};
+use crate::store::{Retention, Sink, StoreConfig, WriterMetrics, WriterStatus};
 
 /// How often the state is swept for stale bots and coalesced writes.
 const TICK: Duration = Duration::from_secs(1);
@@ -79,6 +89,10 @@ pub struct Running {
     sampler: std::thread::JoinHandle<()>,
     sampler_stop: std::sync::mpsc::Sender<()>,
     metrics: Metrics,
+    /// Held until the writer has closed the database.
+    db_lock: Option<LockFile>,
+    /// Tells `/api/usage` queries still running to stop.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -113,17 +127,30 @@ impl Running {
         let _ = self.sampler_stop.send(());
         let sampler = self.sampler;
         let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || sampler.join())).await;
-        // Heartbeats coalesced since the last tick would otherwise be lost.
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Heartbeats coalesced since the last tick would otherwise be lost,
+        // and so would status rows a full queue dropped earlier.
         let mut rows = Vec::new();
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).flush(store::unix_now(), &mut rows);
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.mark_unwritten(self.sink.take_unwritten());
+            state.flush(clock::unix_now(), &mut rows);
+        }
         for row in rows {
-            self.sink.send(row);
+            self.sink.send_final(row);
         }
         // The last sender goes away here, so the writer sees the queue
-        // disconnect once it has taken every row, and stops.
+        // disconnect once it has taken every row, and stops. The join waits
+        // on a thread of its own, not on the blocking pool, which HTTP
+        // handlers could have filled.
         drop(self.sink);
         let writer = self.writer;
-        tokio::task::spawn_blocking(move || writer.join()).await.map_err(|_| Error::WriterGone)??;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("kissbot-join".into()).spawn(move || {
+            let _ = done_tx.send(writer.join());
+        })?;
+        done_rx.await.map_err(|_| Error::WriterGone)??;
+        drop(self.db_lock);
         if let Err(e) = self.http_task.await {
             warn!(error = %e, "http task failed");
         }
@@ -142,6 +169,28 @@ impl Running {
 /// Binds the socket and the HTTP port, opens the database, restores known
 /// bots and starts serving. Returns once everything listens.
 pub async fn start(config: Config) -> Result<Running> {
+    // First of all, so that a SIGHUP during a slow start (a locked database,
+    // a migration of a large file) cannot end the process with the default
+    // signal action: until the pricing is loaded, a HUP only logs.
+    let reloader_slot: Arc<std::sync::OnceLock<Arc<Reloader>>> = Arc::new(std::sync::OnceLock::new());
+    let hup_token = CancellationToken::new();
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(not(unix))]
+    let hup: std::io::Result<()> = Ok(());
+    tokio::spawn(reload_on_sighup(hup, reloader_slot.clone(), hup_token.clone()));
+    let started = start_inner(config, reloader_slot, hup_token.clone()).await;
+    if started.is_err() {
+        hup_token.cancel();
+    }
+    started
+}
+
+async fn start_inner(
+    config: Config,
+    reloader_slot: Arc<std::sync::OnceLock<Arc<Reloader>>>,
+    hup_token: CancellationToken,
+) -> Result<Running> {
     let web = web_config::WebConfig::load_optional(config.web_config_file.as_deref())
         .map_err(|e| Error::Config { what: "--web.config.file", reason: e.to_string() })?;
     let metrics = Metrics::new()?;
@@ -156,22 +205,46 @@ pub async fn start(config: Config) -> Result<Running> {
     if let Some(p) = &config.pricing_file {
         info!(path = %p.display(), "pricing file loaded");
     }
+    // One database, one exporter: a second one on the same file would fight
+    // over bot_status.
+    let db_lock = match LockFile::acquire("database", &config.db_path)? {
+        Acquired::Held(lock) => Some(lock),
+        Acquired::Unreadable(e) => {
+            lockfile::warn_unreadable("database", &config.db_path, &e);
+            None
+        }
+    };
     let writer_status = Arc::new(WriterStatus::default());
+    let period = |d: Duration| (!d.is_zero()).then_some(d);
     let store_config = StoreConfig {
         path: config.db_path.clone(),
         queue_capacity: config.queue_capacity,
         batch_size: config.db_batch_size,
-        retention: (!config.db_retention.is_zero()).then_some(config.db_retention),
+        retention: Retention { samples: period(config.db_retention), llm_usage: period(config.db_llm_usage_retention) },
         options: store::DbOptions {
             busy_timeout: config.db_busy_timeout,
             // SQLite's default page size is 4 KiB.
             max_pages: (config.db_max_size_mib > 0).then_some(config.db_max_size_mib.saturating_mul(256)),
+            backup: config.db_migration_backup,
         },
     };
-    let (m, ws) = (metrics.clone(), writer_status.clone());
-    let (sink, restored, writer) = tokio::task::spawn_blocking(move || store::start(store_config, &m, ws))
-        .await
-        .map_err(|_| Error::WriterGone)??;
+    let writer_metrics = WriterMetrics {
+        queue_depth: metrics.queue_depth.clone(),
+        rows_written: metrics.db_rows_written.clone(),
+        rows_deleted: metrics.db_rows_deleted.clone(),
+        write_errors: metrics.db_write_errors.clone(),
+        db_up: metrics.db_up.clone(),
+        dropped_full: metrics.events_dropped.with_label_values(&["queue_full"]),
+        dropped_closed: metrics.events_dropped.with_label_values(&["writer_stopped"]),
+        dropped_db: metrics.events_dropped.with_label_values(&["db_error"]),
+    };
+    info!(path = %config.db_path.display(), "opening database");
+    let ws = writer_status.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("kissbot-open".into()).spawn(move || {
+        let _ = done_tx.send(store::start(store_config, writer_metrics, ws));
+    })?;
+    let (sink, restored, writer) = done_rx.await.map_err(|_| Error::WriterGone)??;
 
     let mut state = State::new(
         StateConfig {
@@ -179,16 +252,18 @@ pub async fn start(config: Config) -> Result<Running> {
             expiry: config.bot_expiry.as_secs_f64(),
             max_bots: config.limits_max_bots,
             max_llm_series: config.limits_max_llm_series,
+            max_features_per_bot: config.limits_max_features_per_bot,
         },
         pricing,
         OverflowCounters {
             channel: metrics.label_overflow.with_label_values(&["channel"]),
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
             length: metrics.label_overflow.with_label_values(&["length"]),
+            features: metrics.label_overflow.with_label_values(&["features"]),
         },
     );
     let known = restored.len();
-    let n = state.restore(restored, store::unix_now());
+    let n = state.restore(restored, clock::unix_now());
     info!(restored = n, in_database = known, "restored bots from the database");
     let state = Arc::new(Mutex::new(state));
     metrics.register_state(state.clone())?;
@@ -222,6 +297,8 @@ pub async fn start(config: Config) -> Result<Running> {
     )?;
     let reloader =
         Arc::new(Reloader { path: config.pricing_file.clone(), state: state.clone(), metrics: metrics.clone() });
+    let _ = reloader_slot.set(reloader.clone());
+    let stopping = Arc::new(AtomicBool::new(false));
     let app = Arc::new(http::App {
         reloader: reloader.clone(),
         enable_lifecycle: config.web_enable_lifecycle,
@@ -232,10 +309,25 @@ pub async fn start(config: Config) -> Result<Running> {
         db_path: config.db_path.clone(),
         socket_listening: listening,
         writer: writer_status,
+        usage: http::UsageLimits {
+            permits: Arc::new(tokio::sync::Semaphore::new(config.web_max_usage_queries as usize)),
+            timeout: config.web_usage_query_timeout,
+            stopping: stopping.clone(),
+        },
+        scrapes: http::ScrapeCache::new(
+            metrics.http_response_bytes.clone(),
+            usize::try_from(config.web_max_response_memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
+        ),
     });
     let limits = http::Limits { max_connections: config.web_max_connections as usize };
     let http_task = tokio::spawn(http::serve(http_listener, app, web, limits, token.clone()));
-    tokio::spawn(reload_on_sighup(reloader, token.clone()));
+    // The SIGHUP task started first stops with the exporter.
+    let hup_stop = hup_token.clone();
+    let stop_token = token.clone();
+    tokio::spawn(async move {
+        stop_token.cancelled().await;
+        hup_stop.cancel();
+    });
     Ok(Running {
         http_addr,
         socket_path: config.socket_path,
@@ -249,6 +341,8 @@ pub async fn start(config: Config) -> Result<Running> {
         sampler,
         sampler_stop,
         metrics,
+        db_lock,
+        stopping,
     })
 }
 
@@ -351,28 +445,39 @@ impl Reloader {
     }
 }
 
-async fn reload_on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot install the SIGHUP handler; reload with POST /-/reload instead");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = hup.recv() => if r.is_none() { return },
-            }
-            info!(signal = "SIGHUP", "reloading the pricing file");
-            let r = reloader.clone();
-            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+/// Reloads the pricing file on every SIGHUP. Installed before anything slow
+/// happens at start-up; a HUP that arrives before the pricing is loaded is
+/// logged and otherwise ignored (the file is read at start anyway).
+#[cfg(unix)]
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    reloader: Arc<std::sync::OnceLock<Arc<Reloader>>>,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hup) = hup else {
+        warn!("cannot install the SIGHUP handler; reload with POST /-/reload instead");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
         }
+        let Some(r) = reloader.get().cloned() else {
+            info!(signal = "SIGHUP", "ignored: still starting, the pricing file is not loaded yet");
+            continue;
+        };
+        info!(signal = "SIGHUP", "reloading the pricing file");
+        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
     }
-    #[cfg(not(unix))]
-    {
-        let _ = (reloader, shutdown);
-    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(
+    _hup: std::io::Result<()>,
+    _reloader: Arc<std::sync::OnceLock<Arc<Reloader>>>,
+    _shutdown: CancellationToken,
+) {
 }
 
 /// Sweeps the state once per [`TICK`]: stale transitions, coalesced
@@ -386,7 +491,11 @@ async fn ticker(state: Arc<Mutex<State>>, sink: Sink, shutdown: CancellationToke
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        state.lock().unwrap_or_else(|e| e.into_inner()).tick(store::unix_now(), &mut rows);
+        {
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            state.mark_unwritten(sink.take_unwritten());
+            state.tick(clock::unix_now(), &mut rows);
+        }
         for row in rows.drain(..) {
             sink.send(row);
         }

@@ -86,9 +86,13 @@ fn main() -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let config = cli.config;
-    let socket = config.socket_path.clone();
     runtime
-        .block_on(kissbot_exporter::run(config, kissbot_exporter::shutdown::signal()))
-        .with_context(|| format!("kissbot-exporter failed (socket {})", socket.display()))?;
+        .block_on(async {
+            // Signal handlers first: a SIGTERM during a slow start must not
+            // kill the process with the default action.
+            let shutdown = kissbot_exporter::shutdown::install();
+            kissbot_exporter::run(config, shutdown).await
+        })
+        .context("kissbot-exporter stopped with an error")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,9 +15,9 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use prometheus::Gauge as GaugeMetric;
 
+use crate::clock::unix_now;
 use crate::event::Reason;
 use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
-use crate::store::unix_now;
 
 /// Why a row was not written: the `reason` values of
 /// `kissbot_exporter_events_dropped_total`.
@@ -46,8 +46,12 @@ pub struct Metrics {
     pub events_dropped: IntCounterVec,
     /// Rows committed to SQLite.
     pub db_rows_written: IntCounter,
+    /// Rows deleted by retention, by table.
+    pub db_rows_deleted: IntCounterVec,
     /// Failed SQLite transactions.
     pub db_write_errors: IntCounter,
+    /// Bytes held by large HTTP response bodies still being sent.
+    pub http_response_bytes: IntGauge,
     /// 1 while the last database write succeeded.
     pub db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
@@ -120,6 +124,17 @@ impl Metrics {
                 "kissbot_exporter_db_rows_written_total",
                 "Rows committed to SQLite.",
             ))?,
+            db_rows_deleted: IntCounterVec::new(
+                opts(
+                    "kissbot_exporter_db_rows_deleted_total",
+                    "Rows deleted from SQLite by retention (--db.retention, --db.llm-usage-retention), by table.",
+                ),
+                &["table"],
+            )?,
+            http_response_bytes: IntGauge::with_opts(opts(
+                "kissbot_exporter_http_response_bytes",
+                "Bytes held by large HTTP response bodies (metrics, landing page, bots list) not yet sent; bounded by --web.max-response-memory-mib.",
+            ))?,
             db_write_errors: IntCounter::with_opts(opts(
                 "kissbot_exporter_db_write_errors_total",
                 "SQLite transactions that failed (each is retried).",
@@ -166,7 +181,10 @@ impl Metrics {
         for r in DROP_REASONS {
             m.events_dropped.with_label_values(&[r]);
         }
-        for l in ["channel", "llm_series", "length"] {
+        for t in ["bot_metrics", "bot_events", "llm_usage"] {
+            m.db_rows_deleted.with_label_values(&[t]);
+        }
+        for l in ["channel", "llm_series", "length", "features"] {
             m.label_overflow.with_label_values(&[l]);
         }
         m.connections_rejected.with_label_values(&["limit"]);
@@ -186,6 +204,8 @@ impl Metrics {
         r.register(Box::new(m.queue_capacity.clone()))?;
         r.register(Box::new(m.events_dropped.clone()))?;
         r.register(Box::new(m.db_rows_written.clone()))?;
+        r.register(Box::new(m.db_rows_deleted.clone()))?;
+        r.register(Box::new(m.http_response_bytes.clone()))?;
         r.register(Box::new(m.db_write_errors.clone()))?;
         r.register(Box::new(m.db_up.clone()))?;
         r.register(Box::new(m.label_overflow.clone()))?;

@@ -222,12 +222,17 @@ impl PriceTable {
     /// Finds the price of a model: case-insensitive, ignoring a `provider/`
     /// prefix; exact names win over patterns, patterns in file order.
     pub fn lookup(&self, model: &str) -> Option<Price> {
+        self.table_price(model).or(self.default)
+    }
+
+    /// The price the table itself names for a model (an exact name or a
+    /// pattern), ignoring the default price for unknown models.
+    pub fn table_price(&self, model: &str) -> Option<Price> {
         let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
         let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
         exact
             .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if glob(g, &name))))
             .map(|(_, p)| *p)
-            .or(self.default)
     }
 
     /// The cost of a call and where it came from. A reported cost wins.

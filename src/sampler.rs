@@ -15,8 +15,8 @@ use prometheus::Gauge;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System};
 use tracing::debug;
 
+use crate::clock::unix_now;
 use crate::state::{Sample, SampleResult, State};
-use crate::store::unix_now;
 
 /// Settings of the sampler thread.
 #[derive(Debug, Clone)]

@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::event::{Event, LlmUsage, Reason, Rejection};
 use crate::pricing::{CostSource, PriceTable};
-use crate::store::{RestoredBot, Row};
+use crate::ratelimit::RateLimitedLog;
+use crate::row::{RestoredBot, Row};
 
 /// Upper bounds of the LLM latency histogram, in seconds: LLM calls take from
 /// tens of milliseconds (cached, small models) to minutes (long generations).
@@ -235,6 +236,9 @@ pub struct StateConfig {
     pub max_bots: usize,
     /// Most (channel, model, feature) series at once.
     pub max_llm_series: usize,
+    /// Most features kept per bot; the rest of a register's features are
+    /// dropped and counted.
+    pub max_features_per_bot: usize,
 }
 
 /// Counters the state bumps itself when a cardinality limit is hit.
@@ -246,6 +250,8 @@ pub struct OverflowCounters {
     pub llm_series: IntCounter,
     /// Model or feature names cut to the label length limit.
     pub length: IntCounter,
+    /// Features dropped because a bot sent more than the limit.
+    pub features: IntCounter,
 }
 
 /// The registry of bots and LLM tallies.
@@ -259,6 +265,8 @@ pub struct State {
     latency: HashMap<(String, String), Latency>,
     /// Rows produced off the ingest path (by the sampler), sent at the next tick.
     pending: Vec<Row>,
+    /// Rate limit for the warning about too many features.
+    features_log: RateLimitedLog,
 }
 
 fn features_json(features: &[(String, bool)]) -> String {
@@ -333,6 +341,7 @@ impl State {
             llm: HashMap::new(),
             latency: HashMap::new(),
             pending: Vec::new(),
+            features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -346,7 +355,9 @@ impl State {
             if now - b.last_seen > self.config.expiry || self.bots.len() >= self.config.max_bots {
                 continue;
             }
-            let mut bot = Bot::new(b.channel, b.pid, b.features, b.registered_at, b.last_seen);
+            let mut features = b.features;
+            features.truncate(self.config.max_features_per_bot);
+            let mut bot = Bot::new(b.channel, b.pid, features, b.registered_at, b.last_seen);
             bot.status = Status::parse(&b.status);
             // The database already says all this.
             bot.persisted_at = now;
@@ -408,6 +419,7 @@ impl State {
         out: &mut Vec<Row>,
     ) -> Result<(), Rejection> {
         let implicit = features.is_none();
+        let features = features.map(|f| self.limit_features(&channel, f));
         if let Some(bot) = self.bots.get_mut(&channel) {
             let previous = bot.status;
             if bot.pid != pid {
@@ -454,6 +466,41 @@ impl State {
         out.push(bot.event_row(now, "register", implicit.then(|| "implicit, by heartbeat".to_owned())));
         out.push(bot.status_row(now));
         Ok(())
+    }
+
+    /// Keeps at most `max_features_per_bot` features (the first by name):
+    /// every feature is a series, so a bot must not be able to send
+    /// thousands. The dropped ones are counted and logged (rate-limited).
+    fn limit_features(&mut self, channel: &str, mut features: Vec<(String, bool)>) -> Vec<(String, bool)> {
+        let max = self.config.max_features_per_bot;
+        if features.len() > max {
+            let dropped = features.len() - max;
+            features.truncate(max);
+            self.overflow.features.inc_by(dropped as u64);
+            if let Some(suppressed) = self.features_log.allow() {
+                warn!(
+                    channel = %channel,
+                    reason = "too_many_features",
+                    kept = max,
+                    dropped,
+                    suppressed,
+                    "register sent more features than --limits.max-features-per-bot; the rest are ignored"
+                );
+            }
+        }
+        features
+    }
+
+    /// Marks bots whose last `bot_status` row never reached the database
+    /// (dropped from a full queue), so the next [`State::tick`] or
+    /// [`State::flush`] writes their current state again.
+    pub fn mark_unwritten(&mut self, channels: Vec<String>) {
+        for channel in channels {
+            if let Some(bot) = self.bots.get_mut(&channel) {
+                bot.dirty = true;
+                bot.persisted_at = f64::NEG_INFINITY;
+            }
+        }
     }
 
     fn heartbeat(
@@ -690,6 +737,11 @@ impl State {
         self.llm.iter()
     }
 
+    /// The price table in force.
+    pub fn pricing(&self) -> &PriceTable {
+        &self.pricing
+    }
+
     /// Replaces the price table (on reload); later calls use the new prices.
     pub fn set_pricing(&mut self, pricing: PriceTable) {
         self.pricing = pricing;
@@ -703,12 +755,13 @@ mod tests {
 
     fn state() -> State {
         State::new(
-            StateConfig { stale_after: 90.0, expiry: 3600.0, max_bots: 3, max_llm_series: 2 },
+            StateConfig { stale_after: 90.0, expiry: 3600.0, max_bots: 3, max_llm_series: 2, max_features_per_bot: 2 },
             PriceTable::builtin(),
             OverflowCounters {
                 channel: IntCounter::new("c", "c").unwrap(),
                 llm_series: IntCounter::new("l", "l").unwrap(),
                 length: IntCounter::new("n", "n").unwrap(),
+                features: IntCounter::new("f", "f").unwrap(),
             },
         )
     }
@@ -750,6 +803,40 @@ mod tests {
         let mut out = Vec::new();
         s.tick(150.0 + 3600.5, &mut out);
         assert_eq!(s.bot_count(), 0, "offline bot expired");
+    }
+
+    #[test]
+    fn features_per_bot_are_bounded() {
+        let mut s = state();
+        send(
+            &mut s,
+            r#"{"type":"register","channel":"a","pid":1,"features":{"a":true,"b":false,"c":true,"d":true}}"#,
+            0.0,
+        );
+        let bot = s.bots().next().unwrap();
+        assert_eq!(bot.features, [("a".to_owned(), true), ("b".to_owned(), false)]);
+        assert_eq!(s.overflow.features.get(), 2);
+    }
+
+    #[test]
+    fn a_dropped_status_row_is_written_again() {
+        let mut s = state();
+        send(&mut s, r#"{"type":"register","channel":"a","pid":1}"#, 0.0);
+        let rows = send(&mut s, r#"{"type":"unregister","channel":"a","pid":1}"#, 1.0);
+        assert!(rows.iter().any(|r| matches!(r, Row::BotStatus { status: "offline", .. })));
+        // Nothing is behind: a tick writes nothing.
+        let mut out = Vec::new();
+        s.tick(2.0, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // The queue dropped that row: the next tick writes the state again.
+        s.mark_unwritten(vec!["a".to_owned(), "unknown".to_owned()]);
+        s.tick(2.5, &mut out);
+        assert!(matches!(out.as_slice(), [Row::BotStatus { status: "offline", .. }]), "{out:?}");
+        // And the shutdown flush does too.
+        s.mark_unwritten(vec!["a".to_owned()]);
+        let mut out = Vec::new();
+        s.flush(3.0, &mut out);
+        assert!(matches!(out.as_slice(), [Row::BotStatus { status: "offline", .. }]), "{out:?}");
     }
 
     #[test]

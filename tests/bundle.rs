@@ -124,6 +124,8 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_queue_capacity",
     "kissbot_exporter_events_dropped_total",
     "kissbot_exporter_db_rows_written_total",
+    "kissbot_exporter_db_rows_deleted_total",
+    "kissbot_exporter_http_response_bytes",
     "kissbot_exporter_db_write_errors_total",
     "kissbot_exporter_db_up",
     "kissbot_exporter_bots",

@@ -744,7 +744,7 @@ fn has_data(prometheus: &Server, check: &Check) -> Result<(), String> {
             let value = if s.get("result").is_some() { &s["result"][1] } else { &s["value"][1] };
             value.as_str().and_then(|x| x.parse::<f64>().ok()).is_some_and(f64::is_finite)
         })
-        .filter(|s| check.label.as_ref().map_or(true, |l| s["metric"][l].is_string()))
+        .filter(|s| check.label.as_ref().is_none_or(|l| s["metric"][l].is_string()))
         .count();
     if finite == 0 {
         return Err(format!("no finite sample: {}", v["data"]));
@@ -768,7 +768,7 @@ fn alertmanager_alerts(am: &Server) -> Result<Vec<Value>, String> {
 }
 
 fn find_alert<'a>(alerts: &'a [Value], alertname: &str, channel: Option<&str>) -> Option<&'a Value> {
-    alerts.iter().find(|a| a["alertname"] == alertname && channel.map_or(true, |c| a["channel"] == c))
+    alerts.iter().find(|a| a["alertname"] == alertname && channel.is_none_or(|c| a["channel"] == c))
 }
 
 #[test]

@@ -13,19 +13,6 @@ use rusqlite::Connection;
 
 const KEEP: &[&str] = &["--db.retention=0"];
 
-const MONITOR_SCHEMA: &str = "
-CREATE TABLE bot_status(channel TEXT PRIMARY KEY, pid INTEGER NOT NULL, status TEXT NOT NULL,
-    features_json TEXT NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL);
-CREATE TABLE bot_metrics(id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
-    pid INTEGER NOT NULL, rss_mb REAL NOT NULL, cpu_pct REAL NOT NULL, features_json TEXT NOT NULL);
-CREATE TABLE llm_usage(id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
-    model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
-    tokens_out INTEGER NOT NULL, latency_ms REAL);
-CREATE INDEX idx_bot_metrics_channel_ts ON bot_metrics(channel, ts);
-CREATE INDEX idx_llm_usage_channel_ts ON llm_usage(channel, ts);
-CREATE INDEX idx_llm_usage_model ON llm_usage(model);
-";
-
 const LOGGER_SCHEMA: &str = "
 CREATE TABLE llm_usage(id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
     model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
@@ -119,7 +106,7 @@ fn legacy_monitor_file_is_migrated_and_keeps_rows() {
 
     let c = Connection::open(&path).unwrap();
     let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 1);
+    assert_eq!(v, kissbot_exporter::store::SCHEMA_VERSION);
     assert_eq!(dump(&c, "SELECT * FROM bot_metrics"), before_metrics);
     let usage = dump(
         &c,

@@ -179,7 +179,8 @@ fn retention_deletes_old_history_in_chunks_and_keeps_recent_rows() {
     }
     c.execute_batch("COMMIT").unwrap();
     drop(c);
-    let e = Exporter::start_in(tmp.path(), &["--db.retention=7d"]);
+    // The cost ledger has a retention of its own, off by default.
+    let e = Exporter::start_in(tmp.path(), &["--db.retention=7d", "--db.llm-usage-retention=7d"]);
     wait_until("old rows deleted", Duration::from_secs(20), || {
         e.count("SELECT COUNT(*) FROM llm_usage WHERE ts < datetime('now', '-7 days')") == 0
             && e.count("SELECT COUNT(*) FROM bot_metrics WHERE ts < datetime('now', '-7 days')") == 0

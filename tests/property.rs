@@ -190,12 +190,19 @@ fn event(op: &Op) -> Option<Event> {
 fn real() -> (Arc<Mutex<State>>, Metrics) {
     let metrics = Metrics::new().unwrap();
     let state = State::new(
-        StateConfig { stale_after: STALE, expiry: EXPIRY, max_bots: 100, max_llm_series: 100 },
+        StateConfig {
+            stale_after: STALE,
+            expiry: EXPIRY,
+            max_bots: 100,
+            max_llm_series: 100,
+            max_features_per_bot: 64,
+        },
         PriceTable::builtin(),
         OverflowCounters {
             channel: metrics.label_overflow.with_label_values(&["channel"]),
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
             length: metrics.label_overflow.with_label_values(&["length"]),
+            features: metrics.label_overflow.with_label_values(&["features"]),
         },
     );
     let state = Arc::new(Mutex::new(state));

@@ -104,7 +104,7 @@ fn soak() {
             );
             first = Some(r);
         }
-        if tick % 60 == 0 {
+        if tick.is_multiple_of(60) {
             let r = read(&e);
             eprintln!(
                 "t={:>4}s rss {} KiB, fds {}, series {}, db {} bytes",

@@ -18,6 +18,20 @@ pub const HEARTBEAT: &str = r#"{"type": "heartbeat", "channel": "el_serda", "pid
 pub const LLM_USAGE: &str = r#"{"type": "llm_usage", "channel": "el_serda", "model": "gpt-4", "feature": "jokes", "tokens_in": 145, "tokens_out": 87, "latency_ms": 1850}"#;
 pub const UNREGISTER: &str = r#"{"type": "unregister", "channel": "el_serda", "pid": 12345}"#;
 
+/// The legacy monitor's file: no cost column, rollback journal, version 0.
+pub const MONITOR_SCHEMA: &str = "
+CREATE TABLE bot_status(channel TEXT PRIMARY KEY, pid INTEGER NOT NULL, status TEXT NOT NULL,
+    features_json TEXT NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+CREATE TABLE bot_metrics(id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    pid INTEGER NOT NULL, rss_mb REAL NOT NULL, cpu_pct REAL NOT NULL, features_json TEXT NOT NULL);
+CREATE TABLE llm_usage(id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL, latency_ms REAL);
+CREATE INDEX idx_bot_metrics_channel_ts ON bot_metrics(channel, ts);
+CREATE INDEX idx_llm_usage_channel_ts ON llm_usage(channel, ts);
+CREATE INDEX idx_llm_usage_model ON llm_usage(model);
+";
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -1,0 +1,247 @@
+//! The only code that touches SQLite. It runs on one dedicated thread, plus
+//! a short-lived thread per `/api/usage` query.
+//!
+//! Ingest hands rows to [`Sink::send`], which never blocks: it puts the row
+//! on a bounded queue or, when the queue is full, counts it as dropped. The
+//! writer thread takes whatever is queued, up to a batch, and commits it in
+//! one transaction. When every [`Sink`] is dropped the queue disconnects,
+//! the writer drains what is left, closes the database and the thread ends.
+//!
+//! - [`schema`]: inspect, back up, migrate and read back a file.
+//! - [`writer`]: the writer loop, reopening, retention.
+//! - [`usage`]: the `/api/usage` sums.
+
+pub(crate) mod schema;
+pub mod usage;
+mod writer;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+
+use crate::error::{Error, Result};
+use crate::row::{RestoredBot, Row};
+
+pub use schema::{DbOptions, SCHEMA_VERSION};
+pub use usage::{GroupBy, UsageGroup};
+
+/// Liveness of the writer thread, for `/health`.
+#[derive(Debug, Default)]
+pub struct WriterStatus {
+    /// The writer opened the database and runs its loop.
+    pub running: AtomicBool,
+    /// Unix seconds of the writer's last loop iteration (it wakes at least
+    /// once a second even when idle, so an old value means it is stuck).
+    pub last_loop: AtomicU64,
+}
+
+/// The metrics the queue and the writer update: a handle of their own, so
+/// the store does not depend on the whole metrics module.
+#[derive(Clone)]
+pub struct WriterMetrics {
+    /// Rows waiting for the writer.
+    pub queue_depth: IntGauge,
+    /// Rows committed.
+    pub rows_written: IntCounter,
+    /// Rows deleted by retention, by table.
+    pub rows_deleted: IntCounterVec,
+    /// Failed transactions.
+    pub write_errors: IntCounter,
+    /// 1 while the last write succeeded.
+    pub db_up: IntGauge,
+    /// Rows dropped because the queue was full.
+    pub dropped_full: IntCounter,
+    /// Rows dropped because the writer had stopped.
+    pub dropped_closed: IntCounter,
+    /// Rows dropped because the database failed during shutdown.
+    pub dropped_db: IntCounter,
+}
+
+/// The sending side of the writer queue. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Sink {
+    tx: Sender<Row>,
+    /// Rows queued and not yet taken by the writer; the queue's bound.
+    pending: Arc<AtomicI64>,
+    capacity: i64,
+    metrics: WriterMetrics,
+    /// Channels whose `bot_status` row was dropped: the state writes them
+    /// again at its next tick, so the file always ends up with every bot's
+    /// latest state. Holds at most one entry per tracked bot.
+    unwritten: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Sink {
+    /// Queues a row for the writer, or counts it dropped if the queue is full.
+    /// Returns whether the row was queued.
+    pub fn send(&self, row: Row) -> bool {
+        // The channel itself is unbounded (a bounded one preallocates every
+        // slot, megabytes at idle); `pending` is the bound. Reserve a place
+        // before sending so the writer's decrement can never go below zero.
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.dropped_full.inc();
+            self.remember_unwritten(&row);
+            return false;
+        }
+        self.metrics.queue_depth.inc();
+        match self.tx.send(row) {
+            Ok(()) => true,
+            Err(mpsc::SendError(row)) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                self.metrics.queue_depth.dec();
+                self.metrics.dropped_closed.inc();
+                self.remember_unwritten(&row);
+                false
+            }
+        }
+    }
+
+    /// Queues a row even when the queue is full. Only for the shutdown flush,
+    /// which sends at most one `bot_status` row per tracked bot (bounded by
+    /// `--limits.max-bots`): the latest state of every bot must reach the
+    /// file, and the writer drains the queue before it stops.
+    pub fn send_final(&self, row: Row) -> bool {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.metrics.queue_depth.inc();
+        match self.tx.send(row) {
+            Ok(()) => true,
+            Err(_) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                self.metrics.queue_depth.dec();
+                self.metrics.dropped_closed.inc();
+                false
+            }
+        }
+    }
+
+    fn remember_unwritten(&self, row: &Row) {
+        if let Row::BotStatus { channel, .. } = row {
+            self.unwritten.lock().unwrap_or_else(|e| e.into_inner()).insert(channel.clone());
+        }
+    }
+
+    /// The channels whose latest `bot_status` row was dropped since the last
+    /// call; the caller marks them to be written again.
+    pub fn take_unwritten(&self) -> Vec<String> {
+        let mut set = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        if set.is_empty() {
+            return Vec::new();
+        }
+        set.drain().collect()
+    }
+}
+
+/// How long history is kept. `None` keeps a table forever.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    /// `bot_metrics` and `bot_events`: high-volume samples and lifecycle events.
+    pub samples: Option<Duration>,
+    /// `llm_usage`: the cost ledger, kept forever unless asked.
+    pub llm_usage: Option<Duration>,
+}
+
+impl Retention {
+    /// Each table with a retention, and its period.
+    pub(crate) fn tables(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        [("bot_metrics", self.samples), ("bot_events", self.samples), ("llm_usage", self.llm_usage)]
+            .into_iter()
+            .filter_map(|(t, d)| d.map(|d| (t, d)))
+    }
+
+    /// The shortest period set, which decides how often retention runs.
+    pub(crate) fn shortest(&self) -> Option<Duration> {
+        self.tables().map(|(_, d)| d).min()
+    }
+}
+
+/// Settings of the writer thread.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The database file.
+    pub path: PathBuf,
+    /// Queue capacity in rows.
+    pub queue_capacity: usize,
+    /// Most rows per transaction.
+    pub batch_size: usize,
+    /// How long history rows are kept.
+    pub retention: Retention,
+    /// How the database is opened.
+    pub options: DbOptions,
+}
+
+/// A running writer thread.
+pub struct Writer {
+    thread: JoinHandle<()>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Tells the writer that no more rows will come once the queue
+    /// disconnects, so it gives up retrying a failing database after a
+    /// bounded number of attempts instead of forever.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the thread to drain the queue and close the database. Call
+    /// after every [`Sink`] is dropped.
+    pub fn join(self) -> Result<()> {
+        self.begin_shutdown();
+        self.thread.join().map_err(|_| Error::WriterGone)
+    }
+}
+
+/// Starts the writer thread: opens, inspects and migrates the database,
+/// reads back the known bots, then serves the queue. Blocks until the
+/// database is open, so call it from a blocking context (it is the only
+/// place SQLite is opened for writing).
+pub fn start(
+    config: StoreConfig,
+    metrics: WriterMetrics,
+    status: Arc<WriterStatus>,
+) -> Result<(Sink, Vec<RestoredBot>, Writer)> {
+    let (tx, rx) = mpsc::channel::<Row>();
+    let pending = Arc::new(AtomicI64::new(0));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<RestoredBot>>>();
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let worker = writer::WriterLoop {
+        rx,
+        pending: pending.clone(),
+        batch_size: config.batch_size.max(1),
+        metrics: metrics.clone(),
+        retention: config.retention,
+        status,
+        shutting_down: shutting_down.clone(),
+    };
+    let path = config.path.clone();
+    let options = config.options;
+    let thread = std::thread::Builder::new().name("kissbot-writer".into()).spawn(move || {
+        let conn = match schema::open(&path, options) {
+            Ok((conn, bots)) => {
+                let _ = ready_tx.send(Ok(bots));
+                conn
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        worker.run(conn, writer::Db::new(path, options));
+    })?;
+    let bots = ready_rx.recv().map_err(|_| Error::WriterGone)??;
+    let sink = Sink {
+        tx,
+        pending,
+        capacity: i64::try_from(config.queue_capacity.max(1)).unwrap_or(i64::MAX),
+        metrics,
+        unwritten: Arc::new(Mutex::new(HashSet::new())),
+    };
+    Ok((sink, bots, Writer { thread, shutting_down }))
+}

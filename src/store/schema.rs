@@ -1,0 +1,451 @@
+//! Opening a database file: inspect it, back it up, migrate it and read the
+//! known bots back — in that order, and changing nothing before the file is
+//! accepted.
+//!
+//! A file is accepted when its `user_version` is not newer than this build's,
+//! every table the exporter needs is a table (not a view), and, before the
+//! first change this build makes to it, `PRAGMA quick_check` finds it sound.
+//! Only then is a backup written (SQLite's online backup API, so the copy is
+//! consistent even while the bots' usage logger writes), the schema brought up
+//! to date, and the bots read back — the migration and the read-back in one
+//! transaction, so a failure leaves the file as it was. The journal switches
+//! to WAL last.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::Connection;
+use tracing::{info, warn};
+
+use crate::clock::{parse_time, unix_now};
+use crate::error::{Error, Result};
+use crate::row::RestoredBot;
+
+/// The schema version this build writes into `PRAGMA user_version`.
+///
+/// - 0: a legacy file (the Python monitor or the bots' usage logger).
+/// - 1: columns for cost, provider, cache and status; time indexes on `ts` text.
+/// - 2: time indexes on the instant a `ts` means ([`TS_SECONDS`]), not its text.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The instant a row's `ts` stands for, in Unix seconds, as SQL over the
+/// column `ts`. Legacy files hold times as RFC 3339 text with any offset,
+/// naive text (UTC), or Unix numbers; comparing the text would order
+/// `2025-11-24 16:00` before `2025-11-24T09:00` and `-05:00` wrongly, so
+/// every comparison of times goes through this expression, which indexes of
+/// the same text serve. It uses only functions every SQLite since 3.20 has,
+/// because another process (the bots' usage logger, with its own SQLite)
+/// maintains these indexes when it inserts. `'now'` is excluded because
+/// SQLite refuses non-deterministic values in an index. [`crate::clock::parse_time`]
+/// is its Rust twin.
+pub const TS_SECONDS: &str = "(CASE \
+WHEN typeof(ts) IN ('integer', 'real') THEN (CASE WHEN ts > 1e11 THEN ts / 1000.0 ELSE ts * 1.0 END) \
+WHEN ts GLOB '[0-9]*' AND ts NOT GLOB '*[^0-9.]*' \
+THEN (CASE WHEN CAST(ts AS REAL) > 1e11 THEN CAST(ts AS REAL) / 1000.0 ELSE CAST(ts AS REAL) END) \
+WHEN lower(ts) = 'now' THEN NULL \
+ELSE (julianday(ts) - 2440587.5) * 86400.0 END)";
+
+/// How the database is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct DbOptions {
+    /// How long SQLite waits for another process's lock.
+    pub busy_timeout: Duration,
+    /// Most database pages (`PRAGMA max_page_count`); `None` for no limit.
+    pub max_pages: Option<u64>,
+    /// Write a backup copy before the first schema change to an existing file.
+    pub backup: bool,
+}
+
+/// SQLite page cache per connection, in KiB (negative `cache_size`): large
+/// enough that a batch's index pages stay cached instead of spilling
+/// mid-transaction.
+const CACHE_KIB: i64 = 16 * 1024;
+
+/// WAL pages before an automatic checkpoint (SQLite's default is 1000);
+/// fewer checkpoints inside commits under load, WAL at most ~16 MB.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 4000;
+
+/// The tables the exporter reads and writes.
+const TABLES: [&str; 4] = ["bot_status", "bot_metrics", "llm_usage", "bot_events"];
+
+/// The columns every table must have after migration: name and the type
+/// used when the column has to be added to an older file.
+const COLUMNS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "bot_status",
+        &[
+            ("pid", "INTEGER NOT NULL DEFAULT 0"),
+            ("status", "TEXT NOT NULL DEFAULT 'offline'"),
+            ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
+            ("registered_at", "TEXT NOT NULL DEFAULT ''"),
+            ("last_seen", "TEXT NOT NULL DEFAULT ''"),
+        ],
+    ),
+    (
+        "bot_metrics",
+        &[
+            ("pid", "INTEGER NOT NULL DEFAULT 0"),
+            ("rss_mb", "REAL NOT NULL DEFAULT 0"),
+            ("cpu_pct", "REAL NOT NULL DEFAULT 0"),
+            ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
+        ],
+    ),
+    (
+        "llm_usage",
+        &[
+            ("latency_ms", "REAL"),
+            ("cost_usd", "REAL"),
+            ("cost_source", "TEXT"),
+            ("pid", "INTEGER"),
+            ("provider", "TEXT"),
+            ("tokens_cached", "INTEGER"),
+            ("status", "TEXT"),
+        ],
+    ),
+];
+
+const CREATE: &str = "
+CREATE TABLE IF NOT EXISTS bot_status(
+    channel TEXT PRIMARY KEY, pid INTEGER NOT NULL, status TEXT NOT NULL,
+    features_json TEXT NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bot_metrics(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    pid INTEGER NOT NULL, rss_mb REAL NOT NULL, cpu_pct REAL NOT NULL, features_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_usage(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER,
+    provider TEXT, tokens_cached INTEGER, status TEXT);
+CREATE TABLE IF NOT EXISTS bot_events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+    pid INTEGER, event TEXT NOT NULL, detail TEXT);
+";
+
+/// The legacy indexes (kept, and created where missing) and the exporter's own.
+fn indexes() -> String {
+    let mut sql = String::from(
+        "CREATE INDEX IF NOT EXISTS idx_bot_metrics_channel_ts ON bot_metrics(channel, ts);
+         CREATE INDEX IF NOT EXISTS idx_llm_usage_channel_ts ON llm_usage(channel, ts);
+         CREATE INDEX IF NOT EXISTS idx_llm_usage_model ON llm_usage(model);
+         CREATE INDEX IF NOT EXISTS idx_bot_events_channel_ts ON bot_events(channel, ts);",
+    );
+    for table in ["llm_usage", "bot_metrics", "bot_events"] {
+        sql.push_str(&format!("CREATE INDEX IF NOT EXISTS idx_{table}_time ON {table}({TS_SECONDS});"));
+    }
+    sql
+}
+
+/// Version 1's indexes on the text of `ts`: they served only text
+/// comparisons, which were wrong for legacy rows; version 2 replaces them.
+const DROP_V1_INDEXES: &str = "
+DROP INDEX IF EXISTS idx_llm_usage_ts;
+DROP INDEX IF EXISTS idx_bot_metrics_ts;
+DROP INDEX IF EXISTS idx_bot_events_ts;
+";
+
+/// Opens (creating if needed), inspects, backs up, migrates and reads back a
+/// database file. Returns the connection and the bots found in `bot_status`.
+pub(crate) fn open(path: &Path, options: DbOptions) -> Result<(Connection, Vec<RestoredBot>)> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+    let mut conn = Connection::open(path).map_err(wrap)?;
+    conn.busy_timeout(options.busy_timeout).map_err(wrap)?;
+    // Connection settings only; none of them is written to the file.
+    if let Some(pages) = options.max_pages {
+        conn.pragma_update(None, "max_page_count", pages).map_err(wrap)?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(wrap)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES).map_err(wrap)?;
+
+    let inspection = inspect(&conn, path)?;
+    if existed && inspection.needs_change() {
+        check_integrity(&conn, path)?;
+        if options.backup && inspection.version < SCHEMA_VERSION && inspection.tables > 0 {
+            backup(&conn, path, inspection.version)?;
+        }
+    }
+    let bots = migrate_and_restore(&mut conn, path, &inspection)?;
+    if !inspection.wal {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
+    }
+    Ok((conn, bots))
+}
+
+/// What a read-only look at a file found.
+struct Inspection {
+    /// `PRAGMA user_version`.
+    version: i64,
+    /// Number of tables in the file (0 for a new file).
+    tables: i64,
+    /// Whether the file is already in WAL mode.
+    wal: bool,
+}
+
+impl Inspection {
+    /// Whether opening the file will change it.
+    fn needs_change(&self) -> bool {
+        self.version < SCHEMA_VERSION || !self.wal
+    }
+}
+
+/// Reads what decides whether the file is accepted, and writes nothing.
+fn inspect(conn: &Connection, path: &Path) -> Result<Inspection> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(wrap)?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::DbTooNew { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    let mut stmt =
+        conn.prepare("SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')").map_err(wrap)?;
+    let objects = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(wrap)?;
+    for (name, kind) in &objects {
+        if kind != "table" && TABLES.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+            return Err(Error::DbRefused {
+                path: path.to_owned(),
+                reason: format!("{name} is a {kind}, not a table; the exporter writes rows into it"),
+            });
+        }
+    }
+    let tables = objects.iter().filter(|(_, k)| k == "table").count() as i64;
+    // Reading the journal mode does not change it.
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).map_err(wrap)?;
+    Ok(Inspection { version, tables, wal: mode.eq_ignore_ascii_case("wal") })
+}
+
+/// Refuses a file that SQLite finds damaged, before anything is written to it.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(wrap)?;
+    let problems = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(wrap)?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(Error::DbRefused { path: path.to_owned(), reason: format!("integrity check failed: {}", problems.join("; ")) })
+}
+
+/// Where the backup of a file at `version` goes: next to it, named by the
+/// version it holds and the time it was taken.
+fn backup_path(path: &Path, version: i64) -> PathBuf {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".v{version}-{stamp}.bak"));
+    path.with_file_name(name)
+}
+
+/// Copies the whole file with SQLite's online backup API. A file that cannot
+/// be backed up is not migrated: the error says how to proceed.
+fn backup(conn: &Connection, path: &Path, version: i64) -> Result<()> {
+    let target = backup_path(path, version);
+    let started = std::time::Instant::now();
+    conn.backup(rusqlite::DatabaseName::Main, &target, None).map_err(|source| Error::DbBackup {
+        path: path.to_owned(),
+        target: target.clone(),
+        source,
+    })?;
+    info!(
+        path = %path.display(),
+        backup = %target.display(),
+        schema_version = version,
+        seconds = started.elapsed().as_secs_f64(),
+        "database backed up before its first schema change (turn off with --db.migration-backup=false)"
+    );
+    Ok(())
+}
+
+/// Brings any legacy shape up to [`SCHEMA_VERSION`] and reads the bots back,
+/// in one transaction: creates missing tables, adds missing columns and
+/// indexes, never drops a row or a column. If the read-back fails, the
+/// migration is rolled back with it.
+fn migrate_and_restore(conn: &mut Connection, path: &Path, inspection: &Inspection) -> Result<Vec<RestoredBot>> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    // IMMEDIATE takes the write lock up front, so a concurrent writer (the
+    // bots' usage logger) cannot interleave with the schema change.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(wrap)?;
+    if inspection.tables == 0 {
+        info!(path = %path.display(), "database created");
+    }
+    let mut added = Vec::new();
+    if inspection.version < SCHEMA_VERSION {
+        tx.execute_batch(CREATE).map_err(wrap)?;
+        for (table, columns) in COLUMNS {
+            let existing = column_names(&tx, table).map_err(wrap)?;
+            for (column, decl) in *columns {
+                if !existing.iter().any(|c| c.eq_ignore_ascii_case(column)) {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(wrap)?;
+                    added.push(format!("{table}.{column}"));
+                }
+            }
+        }
+        tx.execute_batch(DROP_V1_INDEXES).map_err(wrap)?;
+        tx.execute_batch(&indexes()).map_err(wrap)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(wrap)?;
+    }
+    let bots = load_bots(&tx, unix_now()).map_err(wrap)?;
+    tx.commit().map_err(wrap)?;
+    if inspection.version < SCHEMA_VERSION && inspection.tables > 0 {
+        info!(path = %path.display(), from = inspection.version, to = SCHEMA_VERSION, added = ?added, "database migrated");
+    }
+    Ok(bots)
+}
+
+fn column_names(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(names)
+}
+
+/// A text column as a string: text as it is, a number as its decimal form
+/// (channel ids are often numeric); a blob or NULL is no string at all.
+fn text(v: ValueRef<'_>) -> Option<String> {
+    match v {
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().map(str::to_owned),
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Null | ValueRef::Blob(_) => None,
+    }
+}
+
+/// A time column as Unix seconds, whatever form it was stored in.
+fn time(v: ValueRef<'_>) -> Option<f64> {
+    match v {
+        ValueRef::Integer(i) => parse_time(&i.to_string()),
+        ValueRef::Real(f) => parse_time(&f.to_string()),
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(parse_time),
+        ValueRef::Null | ValueRef::Blob(_) => None,
+    }
+}
+
+/// Reads every bot from `bot_status`. A row that cannot be understood (a
+/// blob where text belongs, a pid out of range, no readable `last_seen`) is
+/// skipped with a warning: one bad row must not keep the exporter down.
+/// Times in the future — a clock that was wrong, or naive local times
+/// written on a host east of UTC — are clamped to `now`, so such a bot goes
+/// stale on schedule instead of looking alive until that time.
+pub(crate) fn load_bots(conn: &Connection, now: f64) -> rusqlite::Result<Vec<RestoredBot>> {
+    let mut stmt =
+        conn.prepare("SELECT channel, pid, status, features_json, registered_at, last_seen FROM bot_status")?;
+    let mut rows = stmt.query([])?;
+    let mut bots = Vec::new();
+    let mut index = 0u64;
+    while let Some(r) = rows.next()? {
+        index += 1;
+        let skip = |reason: &str, channel: Option<&str>| {
+            warn!(
+                row = index,
+                channel = channel.unwrap_or("?"),
+                reason,
+                "skipping a bot_status row that cannot be read"
+            );
+        };
+        let Some(channel) = text(r.get_ref(0)?) else {
+            skip("channel_not_text", None);
+            continue;
+        };
+        let pid = match r.get_ref(1)? {
+            ValueRef::Integer(i) => u32::try_from(i).ok(),
+            ValueRef::Real(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => Some(f as u32),
+            ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(|s| s.trim().parse().ok()),
+            _ => None,
+        };
+        let Some(pid) = pid else {
+            skip("invalid_pid", Some(&channel));
+            continue;
+        };
+        let status = match r.get_ref(2)? {
+            ValueRef::Null => "offline".to_owned(),
+            v => match text(v) {
+                Some(s) => s,
+                None => {
+                    skip("status_not_text", Some(&channel));
+                    continue;
+                }
+            },
+        };
+        let features = match r.get_ref(3)? {
+            ValueRef::Null => Vec::new(),
+            v => match text(v) {
+                Some(f) => serde_json::from_str::<std::collections::BTreeMap<String, serde_json::Value>>(&f)
+                    .map(|m| m.into_iter().filter_map(|(k, v)| v.as_bool().map(|b| (k, b))).collect())
+                    .unwrap_or_default(),
+                None => {
+                    skip("features_not_text", Some(&channel));
+                    continue;
+                }
+            },
+        };
+        let Some(last_seen) = time(r.get_ref(5)?) else {
+            skip("unparsable_last_seen", Some(&channel));
+            continue;
+        };
+        let registered_at = time(r.get_ref(4)?).unwrap_or(last_seen);
+        if last_seen > now + 1.0 {
+            warn!(
+                channel = %channel,
+                last_seen = %crate::clock::format_time(last_seen),
+                "bot_status last_seen is in the future; taken as now"
+            );
+        }
+        let last_seen = last_seen.min(now);
+        let registered_at = registered_at.min(last_seen);
+        bots.push(RestoredBot { channel, pid, status, features, registered_at, last_seen });
+    }
+    Ok(bots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL expression and the Rust parser read every legacy form alike.
+    #[test]
+    fn sql_and_rust_agree_on_times() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(ts TEXT)").unwrap();
+        let texts = [
+            "2025-11-24T16:00:00.123456+00:00",
+            "2025-11-24T11:00:00-05:00",
+            "2025-11-24 16:00:00",
+            "2025-11-24T16:00:00",
+            "2025-11-24 11:00:00-05:00",
+            "2025-11-24T16:00:00Z",
+            "1764000000",
+            "1764000000.25",
+            "1764000000000",
+        ];
+        for t in texts {
+            conn.execute("INSERT INTO t(ts) VALUES (?1)", [t]).unwrap();
+        }
+        // A number stored as a number (a column without TEXT affinity).
+        conn.execute_batch("CREATE TABLE n(ts); INSERT INTO n VALUES (1764000000), (1764000000.5);").unwrap();
+        let sql: Vec<f64> = conn
+            .prepare(&format!("SELECT {TS_SECONDS} FROM t ORDER BY rowid"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        for (t, s) in texts.iter().zip(&sql) {
+            let rust = parse_time(t).unwrap();
+            assert!((rust - s).abs() < 1e-3, "{t}: rust {rust} sql {s}");
+        }
+        let nums: Vec<f64> = conn
+            .prepare(&format!("SELECT {TS_SECONDS} FROM n ORDER BY rowid"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(nums, [1_764_000_000.0, 1_764_000_000.5]);
+        // An index over the expression accepts every form, and 'now' too.
+        conn.execute("INSERT INTO t(ts) VALUES ('now')", []).unwrap();
+        conn.execute_batch(&format!("CREATE INDEX i ON t({TS_SECONDS})")).unwrap();
+    }
+}

@@ -1,0 +1,231 @@
+//! The `/api/usage` query: sums of `llm_usage` since a time, grouped by
+//! channel, model or feature.
+//!
+//! It runs on a thread of its own with its own read-only connection — never
+//! on the runtime, never on the blocking pool that shutdown needs — and it
+//! stops early when its client goes away, its time limit passes, or the
+//! exporter shuts down (SQLite's progress handler checks all three).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::ValueRef;
+use rusqlite::Connection;
+
+use super::schema::TS_SECONDS;
+use crate::error::Error;
+use crate::pricing::PriceTable;
+
+/// How `/api/usage` groups its sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By bot channel.
+    Channel,
+    /// By model name.
+    Model,
+    /// By bot feature.
+    Feature,
+}
+
+impl GroupBy {
+    /// Parses `channel`, `model` or `feature`.
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        match s {
+            "channel" => Some(GroupBy::Channel),
+            "model" => Some(GroupBy::Model),
+            "feature" => Some(GroupBy::Feature),
+            _ => None,
+        }
+    }
+
+    /// The column name; one of three fixed strings, safe to put in SQL.
+    pub fn column(self) -> &'static str {
+        match self {
+            GroupBy::Channel => "channel",
+            GroupBy::Model => "model",
+            GroupBy::Feature => "feature",
+        }
+    }
+}
+
+/// Sums of `llm_usage` rows for one group.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct UsageGroup {
+    /// The channel, model or feature (empty for the total).
+    pub key: String,
+    /// Calls.
+    pub requests: i64,
+    /// Prompt tokens.
+    pub tokens_in: i64,
+    /// Completion tokens.
+    pub tokens_out: i64,
+    /// USD: the stored costs plus the estimated ones.
+    pub cost_usd: f64,
+    /// The part of `cost_usd` estimated from the price table for rows stored
+    /// without a cost (legacy rows from before costs were recorded).
+    pub estimated_cost_usd: f64,
+    /// Rows whose cost was estimated from the price table.
+    pub estimated_requests: i64,
+    /// Rows without a cost whose model the price table does not name.
+    pub unpriced_requests: i64,
+    /// Calls reported as failed.
+    pub errors: i64,
+}
+
+impl UsageGroup {
+    /// Adds another group's sums to this one.
+    pub fn add(&mut self, g: &UsageGroup) {
+        self.requests += g.requests;
+        self.tokens_in += g.tokens_in;
+        self.tokens_out += g.tokens_out;
+        self.cost_usd += g.cost_usd;
+        self.estimated_cost_usd += g.estimated_cost_usd;
+        self.estimated_requests += g.estimated_requests;
+        self.unpriced_requests += g.unpriced_requests;
+        self.errors += g.errors;
+    }
+}
+
+/// One `/api/usage` request.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// The database file.
+    pub path: PathBuf,
+    /// Only rows at or after this instant (Unix seconds); `None` for all.
+    pub since: Option<f64>,
+    /// The grouping.
+    pub group_by: GroupBy,
+    /// The table that prices rows stored without a cost.
+    pub pricing: PriceTable,
+    /// The query is abandoned after this long.
+    pub timeout: Duration,
+}
+
+/// Why a usage query stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Its time limit passed.
+    Timeout,
+    /// Its client went away or the exporter is shutting down.
+    Cancelled,
+}
+
+/// A text-like value as a string, whatever its storage class: a legacy
+/// file may hold a channel id as an integer.
+fn key(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => String::new(),
+    }
+}
+
+/// Sums tokens and cost from `llm_usage`, grouped, sorted by cost. Rows
+/// without a stored cost are priced from the table when it names their
+/// model (and marked estimated), and counted as unpriced otherwise. Blocks:
+/// call it on a thread of its own. `cancel` is polled while SQLite works.
+/// `stopping` is the exporter's own flag, set at shutdown.
+pub fn usage_totals(
+    q: &UsageQuery,
+    cancel: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+) -> std::result::Result<Vec<UsageGroup>, UsageError> {
+    let deadline = Instant::now() + q.timeout;
+    let conn = Connection::open_with_flags(
+        &q.path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| UsageError::Failed(Error::Db(e)))?;
+    conn.busy_timeout(q.timeout.min(Duration::from_secs(5))).map_err(|e| UsageError::Failed(Error::Db(e)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_in = stop.clone();
+    // Called every 10,000 virtual-machine steps, a few microseconds apart:
+    // it only reads an atomic and the clock.
+    conn.progress_handler(
+        10_000,
+        Some(move || {
+            let abort =
+                cancel.load(Ordering::Relaxed) || stopping.load(Ordering::Relaxed) || Instant::now() >= deadline;
+            if abort {
+                stop_in.store(true, Ordering::Relaxed);
+            }
+            abort
+        }),
+    );
+    let result = run(&conn, q);
+    drop(conn);
+    result.map_err(|e| {
+        if stop.load(Ordering::Relaxed)
+            || matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted)
+        {
+            if Instant::now() >= deadline {
+                UsageError::Stopped(Stopped::Timeout)
+            } else {
+                UsageError::Stopped(Stopped::Cancelled)
+            }
+        } else {
+            UsageError::Failed(Error::Db(e))
+        }
+    })
+}
+
+/// Why a usage query gave no answer.
+#[derive(Debug)]
+pub enum UsageError {
+    /// It was stopped on purpose.
+    Stopped(Stopped),
+    /// The database failed.
+    Failed(Error),
+}
+
+fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
+    let col = q.group_by.column();
+    let filter = if q.since.is_some() { format!("WHERE {TS_SECONDS} >= ?1") } else { String::new() };
+    // One pass over the rows, grouped by the key and the model so that rows
+    // without a cost can be priced per model afterwards.
+    let sql = format!(
+        "SELECT {col}, model, COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd),
+                SUM(cost_usd IS NULL),
+                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_in END),
+                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_out END),
+                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_cached END),
+                SUM(COALESCE(status, 'ok') = 'error')
+         FROM llm_usage {filter} GROUP BY {col}, model"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = match q.since {
+        Some(since) => stmt.query([since])?,
+        None => stmt.query([])?,
+    };
+    let mut groups: std::collections::HashMap<String, UsageGroup> = std::collections::HashMap::new();
+    while let Some(r) = rows.next()? {
+        let k = key(r.get_ref(0)?);
+        let model = key(r.get_ref(1)?);
+        let g = groups.entry(k.clone()).or_insert_with(|| UsageGroup { key: k, ..UsageGroup::default() });
+        g.requests += r.get::<_, i64>(2)?;
+        g.tokens_in += r.get::<_, f64>(3)? as i64;
+        g.tokens_out += r.get::<_, f64>(4)? as i64;
+        g.cost_usd += r.get::<_, f64>(5)?;
+        g.errors += r.get::<_, Option<i64>>(10)?.unwrap_or(0);
+        let without_cost = r.get::<_, Option<i64>>(6)?.unwrap_or(0);
+        if without_cost > 0 {
+            let (tin, tout, cached) = (r.get::<_, f64>(7)?, r.get::<_, f64>(8)?, r.get::<_, f64>(9)?);
+            match q.pricing.table_price(&model) {
+                Some(p) => {
+                    let cached = cached.min(tin);
+                    let micro = (tin - cached) * p.input + cached * p.cached_input.unwrap_or(p.input) + tout * p.output;
+                    g.cost_usd += micro / 1e6;
+                    g.estimated_cost_usd += micro / 1e6;
+                    g.estimated_requests += without_cost;
+                }
+                None => g.unpriced_requests += without_cost,
+            }
+        }
+    }
+    let mut out: Vec<UsageGroup> = groups.into_values().collect();
+    out.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then_with(|| a.key.cmp(&b.key)));
+    Ok(out)
+}

@@ -1,0 +1,363 @@
+//! The writer thread: takes rows off the queue, commits them in batches,
+//! keeps the file it writes to the one at the configured path, and deletes
+//! expired history in small chunks.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection};
+use tracing::{debug, error, info, warn};
+
+use super::schema::{self, DbOptions, TS_SECONDS};
+use super::{Retention, WriterMetrics, WriterStatus};
+use crate::clock::{format_time, unix_now};
+use crate::error::{Error, Result};
+use crate::row::Row;
+
+/// How long the writer waits for more rows once it has one (group commit).
+const GROUP_COMMIT_WAIT: Duration = Duration::from_millis(2);
+
+/// Rows deleted per retention transaction: small enough that a chunk takes
+/// milliseconds and queued rows are written between chunks.
+const RETENTION_CHUNK: usize = 2000;
+
+/// While the queue is disconnected (shutting down) a failing database is
+/// retried this many times before the remaining rows are counted as dropped.
+const SHUTDOWN_RETRIES: u32 = 5;
+
+/// How often retention runs once it has caught up: a tenth of the retention
+/// period, between one second and ten minutes, so a short retention (tests,
+/// small disks) is kept as closely as a long one.
+fn retention_every(keep: Duration) -> Duration {
+    (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(600))
+}
+
+/// The writer thread's loop and what it reports to.
+pub(crate) struct WriterLoop {
+    pub(crate) rx: Receiver<Row>,
+    pub(crate) pending: Arc<AtomicI64>,
+    pub(crate) batch_size: usize,
+    pub(crate) metrics: WriterMetrics,
+    pub(crate) retention: Retention,
+    pub(crate) status: Arc<WriterStatus>,
+    pub(crate) shutting_down: Arc<AtomicBool>,
+}
+
+/// Rows deleted by the retention pass in progress, by table.
+#[derive(Default)]
+struct Pass {
+    deleted: Vec<(&'static str, usize, String)>,
+}
+
+impl WriterLoop {
+    pub(crate) fn run(self, conn: Connection, mut db: Db) {
+        db.adopt(conn);
+        self.status.running.store(true, Ordering::SeqCst);
+        self.metrics.db_up.set(1);
+        let mut batch = Vec::with_capacity(self.batch_size);
+        // Retention runs right after start, then every `retention_every`; while
+        // it has a backlog it deletes one chunk per loop turn, so queued rows
+        // are never stuck behind a long delete.
+        let every = self.retention.shortest().map(retention_every);
+        let mut retention_due = Instant::now();
+        let mut pass = Pass::default();
+        loop {
+            self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
+            let wait = if every.is_some() && Instant::now() >= retention_due {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1)
+            };
+            match self.rx.recv_timeout(wait) {
+                Ok(row) => batch.push(row),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Group commit: having one row, wait a moment for more, so that a
+            // steady trickle is written in a few larger transactions instead
+            // of one per row.
+            let linger_until = Instant::now() + GROUP_COMMIT_WAIT;
+            while !batch.is_empty() && batch.len() < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(row) => batch.push(row),
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let left = linger_until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match self.rx.recv_timeout(left) {
+                            Ok(row) => batch.push(row),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.pending.fetch_sub(batch.len() as i64, Ordering::AcqRel);
+                self.metrics.queue_depth.sub(batch.len() as i64);
+                self.commit_with_retry(&mut db, &mut batch);
+            }
+            if let Some(every) = every {
+                if Instant::now() >= retention_due {
+                    match db.connection().and_then(|c| prune_chunk(c, &self.retention, &mut pass)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.finish_pass(&mut pass);
+                            retention_due = Instant::now() + every;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "retention failed; retrying in a minute");
+                            self.finish_pass(&mut pass);
+                            retention_due = Instant::now() + Duration::from_secs(60);
+                        }
+                    }
+                }
+            }
+        }
+        self.status.running.store(false, Ordering::SeqCst);
+        db.close();
+        debug!("writer stopped");
+    }
+
+    /// Logs and counts what a retention pass deleted: deleting history is
+    /// never silent.
+    fn finish_pass(&self, pass: &mut Pass) {
+        let mut totals: Vec<(&'static str, usize, String)> = Vec::new();
+        for (table, n, cutoff) in pass.deleted.drain(..) {
+            match totals.iter_mut().find(|(t, _, _)| *t == table) {
+                Some(t) => {
+                    t.1 += n;
+                    t.2 = cutoff;
+                }
+                None => totals.push((table, n, cutoff)),
+            }
+        }
+        for (table, n, cutoff) in totals.into_iter().filter(|(_, n, _)| *n > 0) {
+            self.metrics.rows_deleted.with_label_values(&[table]).inc_by(n as u64);
+            info!(table, rows = n, cutoff = %cutoff, "retention deleted rows older than the cutoff");
+        }
+    }
+
+    /// Commits a batch, retrying with backoff while the database fails. Rows
+    /// keep arriving in the bounded queue meanwhile; when it fills, ingest
+    /// counts the drops, so nothing is lost silently and nothing blocks.
+    fn commit_with_retry(&self, db: &mut Db, batch: &mut Vec<Row>) {
+        let m = &self.metrics;
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            let result = db.connection().and_then(|c| write_batch(c, batch));
+            match result {
+                Ok(()) => {
+                    m.rows_written.inc_by(batch.len() as u64);
+                    if m.db_up.get() == 0 {
+                        info!(rows = batch.len(), attempts = attempt + 1, "database writes recovered");
+                    }
+                    m.db_up.set(1);
+                    batch.clear();
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    m.write_errors.inc();
+                    if m.db_up.get() == 1 {
+                        error!(error = %e, rows = batch.len(), "database write failed; rows stay queued, retrying with backoff");
+                    }
+                    m.db_up.set(0);
+                    db.after_error(&e);
+                    if self.shutting_down.load(Ordering::SeqCst) && attempt >= SHUTDOWN_RETRIES {
+                        error!(rows = batch.len(), "giving up on the database during shutdown; rows dropped");
+                        m.dropped_db.inc_by(batch.len() as u64);
+                        batch.clear();
+                        return;
+                    }
+                    self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// The writer's handle on the database: reopens it after failures that a
+/// fresh connection may cure (file made read-only, replaced, or its
+/// directory gone and back), and notices when the file it writes to is no
+/// longer the one at the configured path — writes to an unlinked file would
+/// otherwise succeed and vanish with it.
+pub(crate) struct Db {
+    path: PathBuf,
+    options: DbOptions,
+    conn: Option<Connection>,
+    inode: Option<u64>,
+    checked: Instant,
+}
+
+fn inode_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Db {
+    pub(crate) fn new(path: PathBuf, options: DbOptions) -> Db {
+        Db { path, options, conn: None, inode: None, checked: Instant::now() }
+    }
+
+    fn adopt(&mut self, conn: Connection) {
+        self.inode = inode_of(&self.path);
+        self.conn = Some(conn);
+    }
+
+    /// The open connection, reopening (and migrating) if needed.
+    fn connection(&mut self) -> Result<&mut Connection> {
+        if self.conn.is_some() && self.checked.elapsed() >= Duration::from_secs(1) {
+            self.checked = Instant::now();
+            if inode_of(&self.path) != self.inode {
+                error!(path = %self.path.display(), "database file vanished or was replaced; reopening");
+                self.conn = None;
+            }
+        }
+        if self.conn.is_none() {
+            let (conn, _) = schema::open(&self.path, self.options)?;
+            info!(path = %self.path.display(), "database reopened");
+            self.adopt(conn);
+        }
+        // Set just above; a failed open returned early.
+        self.conn.as_mut().ok_or(Error::WriterGone)
+    }
+
+    /// Keeps the connection for contention (busy, locked) and a full disk,
+    /// which a new connection would not cure; drops it otherwise.
+    fn after_error(&mut self, e: &Error) {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull};
+        let keep = matches!(e, Error::Db(rusqlite::Error::SqliteFailure(f, _)) if matches!(f.code, DatabaseBusy | DatabaseLocked | DiskFull));
+        if !keep {
+            self.conn = None;
+        }
+    }
+
+    fn close(&mut self) {
+        // A clean close checkpoints the WAL into the main file.
+        if let Some(conn) = self.conn.take() {
+            if let Err((_, e)) = conn.close() {
+                warn!(error = %e, "closing the database failed");
+            }
+        }
+    }
+}
+
+/// Deletes at most one chunk of expired rows per table whose retention is
+/// set. Rows are compared by the instant their `ts` means (so every legacy
+/// time format is kept for its real age), and a row whose time cannot be
+/// read is never deleted. Returns whether more remain; when none do,
+/// checkpoints the WAL so the file stops growing.
+fn prune_chunk(conn: &Connection, retention: &Retention, pass: &mut Pass) -> Result<bool> {
+    let now = unix_now();
+    let mut more = false;
+    for (table, keep) in retention.tables() {
+        let cutoff = now - keep.as_secs_f64();
+        let n = conn.execute(
+            &format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {TS_SECONDS} < ?1 LIMIT {RETENTION_CHUNK})"
+            ),
+            [cutoff],
+        )?;
+        if n > 0 {
+            debug!(table, deleted = n, "retention chunk");
+            pass.deleted.push((table, n, format_time(cutoff)));
+        }
+        more |= n == RETENTION_CHUNK;
+    }
+    if !more {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    }
+    Ok(more)
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        for row in batch {
+            match row {
+                Row::BotStatus { channel, pid, status, features_json, registered_at, last_seen } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_status(channel, pid, status, features_json, registered_at, last_seen)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(channel) DO UPDATE SET pid = excluded.pid, status = excluded.status,
+                           features_json = excluded.features_json, registered_at = excluded.registered_at,
+                           last_seen = excluded.last_seen",
+                    )?
+                    .execute(params![
+                        channel,
+                        pid,
+                        status,
+                        features_json,
+                        format_time(*registered_at),
+                        format_time(*last_seen)
+                    ])?;
+                }
+                Row::BotEvent { ts, channel, pid, event, detail } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_events(ts, channel, pid, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![format_time(*ts), channel, pid, event, detail])?;
+                }
+                Row::LlmUsage {
+                    ts,
+                    channel,
+                    model,
+                    feature,
+                    tokens_in,
+                    tokens_out,
+                    latency_ms,
+                    cost_usd,
+                    cost_source,
+                    pid,
+                    provider,
+                    tokens_cached,
+                    status,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
+                           cost_usd, cost_source, pid, provider, tokens_cached, status)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    )?
+                    .execute(params![
+                        format_time(*ts),
+                        channel,
+                        model,
+                        feature,
+                        *tokens_in as i64,
+                        *tokens_out as i64,
+                        latency_ms,
+                        cost_usd,
+                        cost_source,
+                        pid,
+                        provider,
+                        *tokens_cached as i64,
+                        status
+                    ])?;
+                }
+                Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {
+                    tx.prepare_cached(
+                        "INSERT INTO bot_metrics(ts, channel, pid, rss_mb, cpu_pct, features_json)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        format_time(*ts),
+                        channel,
+                        pid,
+                        rss_mb,
+                        cpu_pct,
+                        features_json
+                    ])?;
+                }
+            }
+        }
+    }
+    Ok(tx.commit()?)
+}
