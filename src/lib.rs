@@ -7,6 +7,7 @@
 //! - [`clock`]: Unix time and the ISO-8601 strings of the database (bottom of the graph).
 //! - [`row`]: the database rows, shared by the state machine and the store.
 //! - [`ratelimit`]: rate-limited log lines for bad input.
+//! - [`reload`]: re-reading the pricing file on SIGHUP and `POST /-/reload`.
 //! - `lockfile`: the lock files that keep two exporters off one socket or database.
 //! - [`config`]: flags and environment variables (clap).
 //! - [`ingest`]: the Unix socket: safe bind, accept loop, per-connection line reader.
@@ -42,6 +43,7 @@ mod lockfile;
 pub mod metrics;
 pub mod pricing;
 pub mod ratelimit;
+pub mod reload;
 pub mod row;
 pub mod sampler;
 pub mod shutdown;
@@ -68,6 +70,7 @@ use crate::lockfile::{Acquired, LockFile};
 use crate::metrics::Metrics;
 use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
+use crate::reload::{reload_on_sighup, Reloader};
 use crate::state::{OverflowCounters, State, StateConfig};
 use crate::store::{Retention, Sink, StoreConfig, WriterMetrics, WriterStatus};
 
@@ -266,7 +269,6 @@ async fn start_inner(
     let n = state.restore(restored, clock::unix_now());
     info!(restored = n, in_database = known, "restored bots from the database");
     let state = Arc::new(Mutex::new(state));
-    metrics.register_state(state.clone())?;
 
     let token = CancellationToken::new();
     let listening = Arc::new(AtomicBool::new(false));
@@ -295,8 +297,7 @@ async fn start_inner(
         },
         stop_rx,
     )?;
-    let reloader =
-        Arc::new(Reloader { path: config.pricing_file.clone(), state: state.clone(), metrics: metrics.clone() });
+    let reloader = Arc::new(Reloader::new(config.pricing_file.clone(), state.clone(), metrics.clone()));
     let _ = reloader_slot.set(reloader.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Arc::new(http::App {
@@ -409,75 +410,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let running = start(config).await?;
     shutdown.await;
     running.shutdown().await
-}
-
-/// Re-reads the pricing file and swaps it into the state. A bad file is
-/// refused with the reason, and the table in force stays.
-pub struct Reloader {
-    path: Option<PathBuf>,
-    state: Arc<Mutex<State>>,
-    metrics: Metrics,
-}
-
-impl Reloader {
-    /// Reloads now (blocking: it reads a file). Returns the refusal reason.
-    pub fn reload(&self) -> std::result::Result<(), String> {
-        let Some(path) = &self.path else {
-            info!("reload requested; no pricing file configured, the embedded table stays");
-            self.metrics.config_reloads.with_label_values(&["success"]).inc();
-            return Ok(());
-        };
-        match PriceTable::load(path) {
-            Ok(table) => {
-                self.state.lock().unwrap_or_else(|e| e.into_inner()).set_pricing(table);
-                self.metrics.config_reloads.with_label_values(&["success"]).inc();
-                self.metrics.config_last_reload_successful.set(1);
-                info!(path = %path.display(), "pricing file reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics.config_reloads.with_label_values(&["failure"]).inc();
-                self.metrics.config_last_reload_successful.set(0);
-                warn!(error = %e, "pricing reload refused; the previous table stays in force");
-                Err(e.to_string())
-            }
-        }
-    }
-}
-
-/// Reloads the pricing file on every SIGHUP. Installed before anything slow
-/// happens at start-up; a HUP that arrives before the pricing is loaded is
-/// logged and otherwise ignored (the file is read at start anyway).
-#[cfg(unix)]
-async fn reload_on_sighup(
-    hup: std::io::Result<tokio::signal::unix::Signal>,
-    reloader: Arc<std::sync::OnceLock<Arc<Reloader>>>,
-    shutdown: CancellationToken,
-) {
-    let Ok(mut hup) = hup else {
-        warn!("cannot install the SIGHUP handler; reload with POST /-/reload instead");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = hup.recv() => if r.is_none() { return },
-        }
-        let Some(r) = reloader.get().cloned() else {
-            info!(signal = "SIGHUP", "ignored: still starting, the pricing file is not loaded yet");
-            continue;
-        };
-        info!(signal = "SIGHUP", "reloading the pricing file");
-        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
-    }
-}
-
-#[cfg(not(unix))]
-async fn reload_on_sighup(
-    _hup: std::io::Result<()>,
-    _reloader: Arc<std::sync::OnceLock<Arc<Reloader>>>,
-    _shutdown: CancellationToken,
-) {
 }
 
 /// Sweeps the state once per [`TICK`]: stale transitions, coalesced

@@ -9,13 +9,11 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use prometheus::Gauge as GaugeMetric;
 
-use crate::clock::unix_now;
 use crate::event::Reason;
 use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
 
@@ -66,8 +64,6 @@ pub struct Metrics {
     pub sampler_duration: GaugeMetric,
     /// Unix time of the last completed sampler pass.
     pub sampler_last_success: GaugeMetric,
-    /// The live state rendered at scrape time, once attached.
-    state: Arc<OnceLock<Arc<Mutex<State>>>>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -168,7 +164,6 @@ impl Metrics {
                 "Unix time of the last completed process sampler pass.",
             ))?,
             registry,
-            state: Arc::new(OnceLock::new()),
         };
         // Pre-create the closed label sets so every series exists from the
         // first scrape and rate() works on the first increment.
@@ -219,24 +214,15 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Attaches the live state whose per-bot and LLM series [`Metrics::render`]
-    /// writes after the registry's families. Only the first call has effect.
-    pub fn register_state(&self, state: Arc<Mutex<State>>) -> prometheus::Result<()> {
-        self.state.set(state).map_err(|_| prometheus::Error::Msg("state already registered".into()))
-    }
-
-    /// Renders every metric in the Prometheus text format 0.0.4.
-    pub fn render(&self) -> String {
+    /// Renders every metric in the Prometheus text format 0.0.4: the
+    /// registry's families, then the per-bot and LLM series of `snapshot`
+    /// (taken by the caller under the state lock) as of `now`.
+    pub fn render(&self, snapshot: &Snapshot, now: f64) -> String {
         let mut out = String::with_capacity(64 * 1024);
         // Encoding into a String cannot fail: the families come from our own
         // registry and empty ones are pruned by `gather`.
         let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
-        if let Some(state) = self.state.get() {
-            // A poisoned lock means a panic while mutating; the data is still
-            // the best we have, so keep serving it rather than going dark.
-            let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-            render_state(&snapshot, unix_now(), &mut out);
-        }
+        render_state(snapshot, now, &mut out);
         out
     }
 }

@@ -357,6 +357,7 @@ impl State {
             }
             let mut features = b.features;
             features.truncate(self.config.max_features_per_bot);
+            features.shrink_to_fit();
             let mut bot = Bot::new(b.channel, b.pid, features, b.registered_at, b.last_seen);
             bot.status = Status::parse(&b.status);
             // The database already says all this.
@@ -476,6 +477,9 @@ impl State {
         if features.len() > max {
             let dropped = features.len() - max;
             features.truncate(max);
+            // Truncating keeps the allocation: give back the capacity of the
+            // thousands of entries a hostile register may have sent.
+            features.shrink_to_fit();
             self.overflow.features.inc_by(dropped as u64);
             if let Some(suppressed) = self.features_log.allow() {
                 warn!(

@@ -206,8 +206,13 @@ fn real() -> (Arc<Mutex<State>>, Metrics) {
         },
     );
     let state = Arc::new(Mutex::new(state));
-    metrics.register_state(state.clone()).unwrap();
     (state, metrics)
+}
+
+/// Renders the metrics of `state` as a scrape would.
+fn render(state: &Mutex<State>, metrics: &Metrics) -> String {
+    let snapshot = state.lock().unwrap().snapshot();
+    metrics.render(&snapshot, kissbot_exporter::clock::unix_now())
 }
 
 /// The bot and LLM series in a rendering, as `name{labels} value` lines.
@@ -262,20 +267,23 @@ proptest! {
                 }
                 None => state.lock().unwrap().tick(now, &mut rows),
             }
-            let mut got = series(&metrics.render());
+            let mut got = series(&render(&state, &metrics));
             // Cost depends on the price table; it is covered elsewhere.
             got.retain(|k, _| !k.starts_with("kissbot_llm_cost_usd_total"));
             prop_assert_eq!(got, expected(&model), "after {:?}", op);
         }
         // Everyone leaves; after the expiry every series is gone again.
-        let baseline = series(&real().1.render()).len();
+        let baseline = {
+            let (s, m) = real();
+            series(&render(&s, &m)).len()
+        };
         for c in 0..4u8 {
             let pid = model.bots.get(&format!("c{c}")).map(|b| b.pid).unwrap_or(1);
             let _ = state.lock().unwrap().apply(Event::Unregister { channel: format!("c{c}"), pid }, now, None, &mut rows);
         }
         // Offline bots expire after EXPIRY, stale ones after STALE + EXPIRY.
         state.lock().unwrap().tick(now + STALE + EXPIRY + 1.0, &mut rows);
-        let text = metrics.render();
+        let text = render(&state, &metrics);
         prop_assert_eq!(series(&text).len(), baseline, "series left behind:\n{}", text);
         prop_assert!(text.contains("kissbot_exporter_bots 0"));
     }

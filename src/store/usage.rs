@@ -181,47 +181,97 @@ pub enum UsageError {
     Failed(Error),
 }
 
+/// Most distinct (group, model) pairs a query may sum; a file with more
+/// (millions of distinct channels, say) is answered with an error rather
+/// than with an unbounded amount of memory.
+pub const MAX_GROUPS: usize = 100_000;
+
+/// Sums of the rows of one (group, model) pair.
+#[derive(Default)]
+struct Sums {
+    requests: i64,
+    tokens_in: f64,
+    tokens_out: f64,
+    cost: f64,
+    errors: i64,
+    without_cost: i64,
+    free_in: f64,
+    free_out: f64,
+    free_cached: f64,
+}
+
+/// A number column as f64, whatever its storage class (legacy rows may hold
+/// numbers as text); anything else counts as zero.
+fn number(v: ValueRef<'_>) -> f64 {
+    match v {
+        ValueRef::Integer(i) => i as f64,
+        ValueRef::Real(f) => f,
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0.0),
+        ValueRef::Null | ValueRef::Blob(_) => 0.0,
+    }
+}
+
 fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
     let col = q.group_by.column();
     let filter = if q.since.is_some() { format!("WHERE {TS_SECONDS} >= ?1") } else { String::new() };
-    // One pass over the rows, grouped by the key and the model so that rows
-    // without a cost can be priced per model afterwards.
-    let sql = format!(
-        "SELECT {col}, model, COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd),
-                SUM(cost_usd IS NULL),
-                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_in END),
-                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_out END),
-                TOTAL(CASE WHEN cost_usd IS NULL THEN tokens_cached END),
-                SUM(COALESCE(status, 'ok') = 'error')
-         FROM llm_usage {filter} GROUP BY {col}, model"
-    );
+    // The rows are summed here rather than with GROUP BY: SQLite would sort
+    // every row by (group, model) first, which on millions of rows costs
+    // several times the scan itself. Rows without a cost are summed apart,
+    // per model, so they can be priced from the table afterwards.
+    let sql =
+        format!("SELECT {col}, model, tokens_in, tokens_out, cost_usd, tokens_cached, status FROM llm_usage {filter}");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = match q.since {
         Some(since) => stmt.query([since])?,
         None => stmt.query([])?,
     };
-    let mut groups: std::collections::HashMap<String, UsageGroup> = std::collections::HashMap::new();
+    let mut sums: std::collections::HashMap<(String, String), Sums> = std::collections::HashMap::new();
     while let Some(r) = rows.next()? {
-        let k = key(r.get_ref(0)?);
-        let model = key(r.get_ref(1)?);
+        let k = (key(r.get_ref(0)?), key(r.get_ref(1)?));
+        if sums.len() >= MAX_GROUPS && !sums.contains_key(&k) {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                Some(format!("more than {MAX_GROUPS} distinct {col} and model pairs; narrow the query with since=")),
+            ));
+        }
+        let s = sums.entry(k).or_default();
+        let (tin, tout) = (number(r.get_ref(2)?), number(r.get_ref(3)?));
+        s.requests += 1;
+        s.tokens_in += tin;
+        s.tokens_out += tout;
+        if let ValueRef::Text(st) = r.get_ref(6)? {
+            s.errors += i64::from(st == b"error");
+        }
+        match r.get_ref(4)? {
+            ValueRef::Null => {
+                s.without_cost += 1;
+                s.free_in += tin;
+                s.free_out += tout;
+                s.free_cached += number(r.get_ref(5)?);
+            }
+            v => s.cost += number(v),
+        }
+    }
+    let mut groups: std::collections::HashMap<String, UsageGroup> = std::collections::HashMap::new();
+    for ((k, model), s) in sums {
         let g = groups.entry(k.clone()).or_insert_with(|| UsageGroup { key: k, ..UsageGroup::default() });
-        g.requests += r.get::<_, i64>(2)?;
-        g.tokens_in += r.get::<_, f64>(3)? as i64;
-        g.tokens_out += r.get::<_, f64>(4)? as i64;
-        g.cost_usd += r.get::<_, f64>(5)?;
-        g.errors += r.get::<_, Option<i64>>(10)?.unwrap_or(0);
-        let without_cost = r.get::<_, Option<i64>>(6)?.unwrap_or(0);
-        if without_cost > 0 {
-            let (tin, tout, cached) = (r.get::<_, f64>(7)?, r.get::<_, f64>(8)?, r.get::<_, f64>(9)?);
+        g.requests += s.requests;
+        g.tokens_in += s.tokens_in as i64;
+        g.tokens_out += s.tokens_out as i64;
+        g.cost_usd += s.cost;
+        g.errors += s.errors;
+        if s.without_cost > 0 {
             match q.pricing.table_price(&model) {
                 Some(p) => {
-                    let cached = cached.min(tin);
-                    let micro = (tin - cached) * p.input + cached * p.cached_input.unwrap_or(p.input) + tout * p.output;
+                    let cached = s.free_cached.min(s.free_in);
+                    let micro = (s.free_in - cached) * p.input
+                        + cached * p.cached_input.unwrap_or(p.input)
+                        + s.free_out * p.output;
                     g.cost_usd += micro / 1e6;
                     g.estimated_cost_usd += micro / 1e6;
-                    g.estimated_requests += without_cost;
+                    g.estimated_requests += s.without_cost;
                 }
-                None => g.unpriced_requests += without_cost,
+                None => g.unpriced_requests += s.without_cost,
             }
         }
     }

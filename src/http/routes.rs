@@ -1,0 +1,330 @@
+//! What each path answers: `/metrics`, `/`, `/health*`, `/api/bots`,
+//! `/api/usage` and `/-/reload`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, VARY};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use tracing::warn;
+
+use super::landing::{bot_rows, landing_page};
+use super::App;
+use crate::clock::{format_time, parse_time, unix_now};
+use crate::state::State;
+use crate::store::usage::{self, UsageError, UsageGroup, UsageQuery};
+
+/// The content type of the Prometheus text format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The writer is considered stuck when its loop has not turned this long.
+const WRITER_STUCK_AFTER: f64 = 30.0;
+
+/// The queue is reported degraded above this fill ratio.
+const QUEUE_DEGRADED_RATIO: f64 = 0.9;
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    response(status, "application/json", value.to_string())
+}
+
+pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body)
+}
+
+pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/-/reload" {
+        return reload(app, &req).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if path == app.telemetry_path {
+        return metrics(app, &req).await;
+    }
+    match path {
+        "/" => {
+            // Like /metrics, these walk every bot: off the runtime's workers.
+            if app.scrapes.over_budget(0) {
+                return busy("landing page");
+            }
+            let state = app.state.clone();
+            let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
+            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
+                Ok(html) => {
+                    response(StatusCode::OK, "text/html; charset=utf-8", app.scrapes.account(html.into_bytes()))
+                }
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+            }
+        }
+        "/health" => health(app),
+        "/healthz" | "/health/live" => text(StatusCode::OK, "ok\n"),
+        "/health/ready" => {
+            if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/api/bots" => {
+            if app.scrapes.over_budget(0) {
+                return busy("bots list");
+            }
+            let state = app.state.clone();
+            match tokio::task::spawn_blocking(move || bots_json(&state).to_string()).await {
+                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+            }
+        }
+        "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
+/// `gzip;q=0` refuses it, and `*` stands for it when gzip is not named.
+pub fn accepts_gzip(header: &str) -> bool {
+    let mut star = None;
+    for item in header.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("q").then(|| v.trim().parse::<f64>().ok()).flatten()
+            })
+            .next()
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "x-gzip" => return q > 0.0,
+            "*" => star = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    star.unwrap_or(false)
+}
+
+async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let arrived = Instant::now();
+    let gzip = req.headers().get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(accepts_gzip);
+    match app.scrapes.get(&app.metrics, &app.state, arrived, gzip).await {
+        Ok(body) => {
+            let mut r = response(StatusCode::OK, METRICS_CONTENT_TYPE, body);
+            r.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+            if gzip {
+                r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            r
+        }
+        Err(e) => {
+            warn!(error = %e, "rendering metrics failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "rendering metrics failed\n")
+        }
+    }
+}
+
+/// 503 for a page that would take the response memory over its budget.
+fn busy(what: &str) -> Response<Full<Bytes>> {
+    let mut r =
+        text(StatusCode::SERVICE_UNAVAILABLE, format!("{what}: too many large responses in flight; retry shortly\n"));
+    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !app.enable_lifecycle {
+        return text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n");
+    }
+    let r = app.reloader.clone();
+    match tokio::task::spawn_blocking(move || r.reload()).await {
+        Ok(Ok(())) => text(StatusCode::OK, "reloaded\n"),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload failed\n"),
+    }
+}
+
+/// Sets a flag when dropped: hyper drops a request's future when its client
+/// goes away, and the query thread sees the flag and stops.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `/api/usage?since=24h&group_by=model`: sums from SQLite. `since` is a
+/// duration back from now or a time in any form the database holds. At most
+/// `--web.max-usage-queries` run at once (503 with `Retry-After` beyond),
+/// each on a thread of its own, stopped when its client goes away, after
+/// `--web.usage-query-timeout`, or at shutdown.
+async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
+    let mut since = None;
+    let mut group_by = usage::GroupBy::Model;
+    for (k, v) in form_pairs(query) {
+        match k.as_str() {
+            "since" => match crate::config::parse_duration(&v) {
+                Ok(d) => since = Some(unix_now() - d.as_secs_f64()),
+                Err(_) => match parse_time(&v) {
+                    Some(t) => since = Some(t),
+                    None => {
+                        return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time"))
+                    }
+                },
+            },
+            "group_by" => match usage::GroupBy::parse(&v) {
+                Some(g) => group_by = g,
+                None => return bad_request("group_by must be channel, model or feature"),
+            },
+            _ => return bad_request(&format!("unknown parameter {k:?}")),
+        }
+    }
+    let Ok(permit) = app.usage.permits.clone().try_acquire_owned() else {
+        let mut r = json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "too many usage queries running (--web.max-usage-queries); retry shortly"}),
+        );
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+        return r;
+    };
+    let pricing = app.state.lock().unwrap_or_else(|e| e.into_inner()).pricing().clone();
+    let q = UsageQuery { path: app.db_path.clone(), since, group_by, pricing, timeout: app.usage.timeout };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let stopping = app.usage.stopping.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("kissbot-usage".into()).spawn(move || {
+        let result = usage::usage_totals(&q, cancel, stopping);
+        drop(permit);
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start a usage query thread");
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "cannot start the query"}));
+    }
+    match rx.await {
+        Ok(Ok(groups)) => {
+            let mut total = UsageGroup::default();
+            for g in &groups {
+                total.add(g);
+            }
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "since": since.map(format_time),
+                    "group_by": group_by.column(),
+                    "groups": groups,
+                    "total": total,
+                }),
+            )
+        }
+        Ok(Err(UsageError::Stopped(usage::Stopped::Timeout))) => {
+            warn!(timeout = ?app.usage.timeout, "usage query stopped at its time limit");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": format!("query took longer than --web.usage-query-timeout ({:?}); narrow it with since=", app.usage.timeout)}),
+            )
+        }
+        Ok(Err(UsageError::Stopped(usage::Stopped::Cancelled))) => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "query cancelled"}))
+        }
+        Ok(Err(UsageError::Failed(e))) => {
+            warn!(error = %e, "usage query failed");
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": e.to_string()}))
+        }
+        Err(_) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "usage query failed"})),
+    }
+}
+
+/// The decoded `key=value` pairs of a query string.
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+}
+
+fn bad_request(msg: &str) -> Response<Full<Bytes>> {
+    json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+}
+
+fn health(app: &App) -> Response<Full<Bytes>> {
+    let socket_ok = app.socket_listening.load(Ordering::SeqCst);
+    let db_ok = app.metrics.db_up.get() == 1;
+    let depth = app.metrics.queue_depth.get();
+    let capacity = app.metrics.queue_capacity.get().max(1);
+    let queue_ok = (depth as f64) < QUEUE_DEGRADED_RATIO * capacity as f64;
+    let writer_age = unix_now() - app.writer.last_loop.load(Ordering::Relaxed) as f64;
+    let writer_ok = app.writer.running.load(Ordering::SeqCst) && writer_age < WRITER_STUCK_AFTER;
+    let word = |ok: bool| if ok { "healthy" } else { "degraded" };
+    let all = socket_ok && db_ok && queue_ok && writer_ok;
+    let body = json!({
+        "status": word(all),
+        "version": env!("CARGO_PKG_VERSION"),
+        "components": {
+            "socket": {"status": word(socket_ok), "path": app.socket_path.display().to_string()},
+            "database": {"status": word(db_ok), "path": app.db_path.display().to_string(),
+                         "write_errors": app.metrics.db_write_errors.get()},
+            "queue": {"status": word(queue_ok), "depth": depth, "capacity": capacity},
+            "writer": {"status": word(writer_ok), "last_loop_age_seconds": writer_age.max(0.0).round()},
+        }
+    });
+    json_response(if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+fn bots_json(state: &Mutex<State>) -> serde_json::Value {
+    let now = unix_now();
+    let bots: Vec<_> = bot_rows(state)
+        .into_iter()
+        .map(|b| {
+            let features: serde_json::Map<_, _> = b.features.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            json!({
+                "channel": b.channel,
+                "pid": b.pid,
+                "status": b.status.as_str(),
+                "features": features,
+                "registered_at": format_time(b.registered_at),
+                "last_heartbeat": format_time(b.last_heartbeat),
+                "heartbeat_age_seconds": (now - b.last_heartbeat).max(0.0),
+                "heartbeats": b.heartbeats,
+                "restarts": b.restarts,
+            })
+        })
+        .collect();
+    json!({ "bots": bots })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_gzip;
+
+    #[test]
+    fn gzip_q_values() {
+        assert!(accepts_gzip("gzip"));
+        assert!(accepts_gzip("deflate, gzip;q=0.5"));
+        assert!(accepts_gzip("GZIP"));
+        assert!(accepts_gzip("*"));
+        assert!(!accepts_gzip("gzip;q=0"));
+        assert!(!accepts_gzip("gzip;q=0, identity"));
+        assert!(!accepts_gzip("gzip; q=0.0, *"));
+        assert!(!accepts_gzip("identity"));
+        assert!(!accepts_gzip("*;q=0"));
+        assert!(!accepts_gzip(""));
+    }
+}
