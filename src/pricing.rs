@@ -125,10 +125,13 @@ struct PricingFile {
     default: Option<FileDefault>,
 }
 
+/// How a table entry names its models.
 #[derive(Debug, Clone)]
 enum Matcher {
+    /// One name, lower-cased.
     Exact(String),
-    Glob(String),
+    /// A glob pattern (`*`, `?`, `[57]`), matched against the lower-cased name.
+    Glob(globset::GlobMatcher),
 }
 
 /// A price table: exact names, then glob patterns in order, then a default.
@@ -193,7 +196,11 @@ impl PriceTable {
             let price = check_price(e.input, e.output, e.cached_input).map_err(err)?;
             match (e.name, e.pattern) {
                 (Some(n), None) if !n.trim().is_empty() => exact.push((Matcher::Exact(n.trim().to_lowercase()), price)),
-                (None, Some(p)) if !p.trim().is_empty() => globs.push((Matcher::Glob(p.trim().to_lowercase()), price)),
+                (None, Some(p)) if !p.trim().is_empty() => {
+                    let pattern = p.trim().to_lowercase();
+                    let glob = globset::Glob::new(&pattern).map_err(|e| err(format!("pattern {pattern:?}: {e}")))?;
+                    globs.push((Matcher::Glob(glob.compile_matcher()), price))
+                }
                 _ => return Err(err("needs exactly one of `name` or `pattern`".into())),
             }
         }
@@ -231,7 +238,7 @@ impl PriceTable {
         let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
         let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
         exact
-            .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if glob(g, &name))))
+            .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if g.is_match(&name))))
             .map(|(_, p)| *p)
     }
 
@@ -262,45 +269,6 @@ impl PriceTable {
             None => (None, CostSource::Unpriced),
         }
     }
-}
-
-/// Matches `*` (any run) and `?` (one character) against a whole name.
-fn glob(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == '[' {
-            // A character class such as [57].
-            match p[pi..].iter().position(|c| *c == ']') {
-                Some(end) if p[pi + 1..pi + end].contains(&n[ni]) => {
-                    pi += end + 1;
-                    ni += 1;
-                }
-                _ => match star {
-                    Some((sp, sn)) => {
-                        pi = sp + 1;
-                        ni = sn + 1;
-                        star = Some((sp, sn + 1));
-                    }
-                    None => return false,
-                },
-            }
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]
@@ -409,11 +377,19 @@ mod tests {
 
     #[test]
     fn globs() {
+        let glob = |p: &str, n: &str| globset::Glob::new(p).unwrap().compile_matcher().is_match(n);
         assert!(glob("gpt-4o-*", "gpt-4o-2024"));
         assert!(!glob("gpt-4o-*", "gpt-4o"));
         assert!(glob("claude-3-[57]-sonnet*", "claude-3-7-sonnet-latest"));
         assert!(!glob("claude-3-[57]-sonnet*", "claude-3-6-sonnet"));
         assert!(glob("a?c", "abc"));
         assert!(glob("*", ""));
+        // A broken pattern is refused when the file is loaded.
+        let e = PriceTable::parse(
+            "[[model]]\npattern = \"gpt-[4\"\ninput = 1.0\noutput = 1.0\n",
+            Path::new("p.toml"),
+            None,
+        );
+        assert!(e.is_err());
     }
 }

@@ -137,28 +137,13 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_config_last_reload_successful",
 ];
 
-/// Alerting rules of the rule files: name -> the text of its YAML block.
-fn alert_blocks() -> BTreeMap<String, String> {
+/// Alerting rules of the rule files by name.
+fn alert_blocks() -> BTreeMap<String, serde_yaml_ng::Value> {
     let mut out = BTreeMap::new();
-    for path in rule_files() {
-        let text = fs::read_to_string(&path).expect("rule file");
-        let mut current: Option<(String, Vec<&str>)> = None;
-        for line in text.lines() {
-            let t = line.trim_start();
-            let starts_rule = t.starts_with("- alert:") || t.starts_with("- record:") || t.starts_with("- name:");
-            if starts_rule {
-                if let Some((name, body)) = current.take() {
-                    assert!(out.insert(name.clone(), body.join("\n")).is_none(), "alert {name} is defined twice");
-                }
-                if let Some(name) = t.strip_prefix("- alert:") {
-                    current = Some((unquote(name), vec![line]));
-                }
-            } else if let Some((_, body)) = current.as_mut() {
-                body.push(line);
-            }
-        }
-        if let Some((name, body)) = current.take() {
-            assert!(out.insert(name.clone(), body.join("\n")).is_none(), "alert {name} is defined twice");
+    for rule in rules() {
+        if let Some(name) = yaml_str(&rule, &["alert"]) {
+            let name = name.to_owned();
+            assert!(out.insert(name.clone(), rule).is_none(), "alert {name} is defined twice");
         }
     }
     out
@@ -246,37 +231,41 @@ fn alerts_follow_conventions() {
                 && name.chars().nth(7).is_some_and(|c| c.is_ascii_uppercase()),
             "{name}: alert names are CamelCase and start with KissBot"
         );
-        let get = |key: &str| yaml_values(block, key).into_iter().next();
-        assert!(get("for").is_some(), "{name}: every alert needs for:");
-        let severity = get("severity").unwrap_or_default();
+        let get = |keys: &[&str]| yaml_str(block, keys).map(str::to_owned);
+        assert!(get(&["for"]).is_some(), "{name}: every alert needs for:");
+        let severity = get(&["labels", "severity"]).unwrap_or_default();
         assert!(
             ["critical", "warning", "info"].contains(&severity.as_str()),
             "{name}: severity must be critical, warning or info, not {severity:?}"
         );
-        let summary = get("summary").unwrap_or_default();
+        let summary = get(&["annotations", "summary"]).unwrap_or_default();
         assert!(!summary.is_empty() && !summary.contains("{{"), "{name}: summary must be static text");
-        let description = get("description").unwrap_or_default();
+        let description = get(&["annotations", "description"]).unwrap_or_default();
         // The watchdog has nothing to say beyond that it fires.
         if name != "KissBotWatchdog" {
             assert!(description.contains("{{"), "{name}: description must be a template");
         }
         let lower = name.to_lowercase();
         assert_eq!(
-            get("runbook_url").unwrap_or_default(),
+            get(&["annotations", "runbook_url"]).unwrap_or_default(),
             format!("alerts/RUNBOOK.md#{lower}"),
             "{name}: runbook_url must point at its runbook section"
         );
         assert!(headings.contains(&lower), "{name}: alerts/RUNBOOK.md has no '## {name}' section");
     }
     let watchdog = &alerts["KissBotWatchdog"];
-    assert!(watchdog.contains("vector(1)") && watchdog.contains("deadmansswitch: \"true\""), "{watchdog}");
+    assert!(
+        yaml_str(watchdog, &["expr"]).is_some_and(|e| e.contains("vector(1)"))
+            && yaml_str(watchdog, &["labels", "deadmansswitch"]) == Some("true"),
+        "{watchdog:?}"
+    );
 }
 
 #[test]
 fn recording_rules_are_named_level_metric_operation() {
     let mut count = 0;
-    for path in rule_files() {
-        for name in yaml_values(&fs::read_to_string(&path).expect("rule file"), "record") {
+    for rule in rules() {
+        if let Some(name) = yaml_str(&rule, &["record"]) {
             let parts: Vec<&str> = name.split(':').collect();
             assert_eq!(parts.len(), 3, "{name}: recording rules are named level:metric:operation");
             assert!(parts[1].starts_with("kissbot_"), "{name}: the metric part names a kissbot_ metric");
@@ -293,16 +282,13 @@ fn every_alert_has_firing_and_silent_tests() {
     // alertname -> (has a case where it fires, has a case where it must not)
     let mut seen: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     for path in rule_test_files() {
-        let text = fs::read_to_string(&path).expect("test file");
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            let t = line.trim_start().trim_start_matches("- ");
-            if let Some(name) = t.strip_prefix("alertname:") {
-                current = Some(unquote(name));
-            } else if let Some(rest) = t.strip_prefix("exp_alerts:") {
-                let name = current.take().unwrap_or_else(|| panic!("{}: exp_alerts without alertname", path.display()));
-                let entry = seen.entry(name).or_default();
-                if rest.trim() == "[]" {
+        let doc = yaml(&path);
+        for test in doc["tests"].as_sequence().unwrap_or_else(|| panic!("{}: no tests", path.display())) {
+            for case in test["alert_rule_test"].as_sequence().cloned().unwrap_or_default() {
+                let name = yaml_str(&case, &["alertname"])
+                    .unwrap_or_else(|| panic!("{}: alert_rule_test without alertname", path.display()));
+                let entry = seen.entry(name.to_owned()).or_default();
+                if case["exp_alerts"].as_sequence().is_none_or(|a| a.is_empty()) {
                     entry.1 = true;
                 } else {
                     entry.0 = true;
@@ -460,8 +446,8 @@ fn grafana_provisioning_matches_the_stack() {
     let ds = read("grafana/provisioning/datasources/prometheus.yml");
     assert!(ds.contains("uid: kissbot-prometheus"), "fixed datasource uid");
     assert!(ds.contains("url: http://prometheus:9090"), "datasource url");
-    let provider = read("grafana/provisioning/dashboards/kissbot.yml");
-    let path = yaml_values(&provider, "path").into_iter().next().expect("dashboard provider path");
+    let provider = yaml(&root().join("grafana/provisioning/dashboards/kissbot.yml"));
+    let path = yaml_str(&provider["providers"][0], &["options", "path"]).expect("dashboard provider path");
     let compose = read("docker-compose.yml");
     assert!(
         compose.contains(&format!("./grafana/dashboards:{path}")),
@@ -473,13 +459,14 @@ fn grafana_provisioning_matches_the_stack() {
 // Docker
 // ---------------------------------------------------------------------------
 
-/// Bind-mount sources (`./...`) of docker-compose.yml, found without a YAML
-/// parser: list items of the form `- ./host/path:/container/path[:mode]`.
-fn compose_bind_mounts(compose: &str) -> Vec<String> {
-    compose
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- "))
-        .map(unquote)
+/// Bind-mount sources (`./...`) of docker-compose.yml's services.
+fn compose_bind_mounts() -> Vec<String> {
+    let compose = yaml(&root().join("docker-compose.yml"));
+    let services = compose["services"].as_mapping().expect("services");
+    services
+        .values()
+        .flat_map(|s| s["volumes"].as_sequence().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_owned))
         .filter(|item| item.starts_with("./") && item.contains(':'))
         .map(|item| item.split(':').next().expect("split").to_owned())
         .collect()
@@ -488,7 +475,7 @@ fn compose_bind_mounts(compose: &str) -> Vec<String> {
 #[test]
 fn compose_file_is_consistent() {
     let compose = read("docker-compose.yml");
-    let mounts = compose_bind_mounts(&compose);
+    let mounts = compose_bind_mounts();
     assert!(mounts.len() >= 6, "expected the config mounts, found {mounts:?}");
     for m in &mounts {
         assert!(root().join(m).exists(), "docker-compose.yml mounts {m}, which does not exist");

@@ -43,57 +43,32 @@ pub fn dashboards() -> Vec<(PathBuf, Value)> {
         .collect()
 }
 
-pub fn indent(line: &str) -> usize {
-    line.len() - line.trim_start().len()
+/// A YAML file of the repository, parsed.
+pub fn yaml(path: &std::path::Path) -> serde_yaml_ng::Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
 }
 
-/// Removes one level of YAML quoting from a scalar written on one line.
-pub fn unquote(s: &str) -> String {
-    let s = s.trim();
-    if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
-        s[1..s.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
-    } else if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
-        s[1..s.len() - 1].replace("''", "'")
-    } else {
-        s.to_owned()
-    }
-}
-
-/// The value of `key:` in a YAML mapping, written either on one line or as a
-/// `|` / `>` block scalar (the only forms used in this repository's rule
-/// files). Returns one entry per occurrence, in order.
-pub fn yaml_values(text: &str, key: &str) -> Vec<String> {
-    let lines: Vec<&str> = text.lines().collect();
-    let prefix = format!("{key}:");
+/// Every rule (alerting and recording) of the rule files, in file order.
+pub fn rules() -> Vec<serde_yaml_ng::Value> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        let trimmed = line.trim_start().trim_start_matches("- ");
-        if let Some(rest) = trimmed.strip_prefix(&prefix) {
-            let rest = rest.trim();
-            if rest.starts_with('|') || rest.starts_with('>') {
-                let key_indent = indent(line);
-                let mut block = Vec::new();
-                i += 1;
-                while i < lines.len() && (lines[i].trim().is_empty() || indent(lines[i]) > key_indent) {
-                    block.push(lines[i].trim());
-                    i += 1;
-                }
-                let sep = if rest.starts_with('>') { " " } else { "\n" };
-                out.push(block.join(sep).trim().to_owned());
-                continue;
-            }
-            out.push(unquote(rest));
+    for path in rule_files() {
+        let doc = yaml(&path);
+        for group in doc["groups"].as_sequence().unwrap_or_else(|| panic!("{}: no groups", path.display())) {
+            out.extend(group["rules"].as_sequence().cloned().unwrap_or_default());
         }
-        i += 1;
     }
     out
 }
 
+/// A string at a path of keys in a YAML value, if there is one.
+pub fn yaml_str<'a>(v: &'a serde_yaml_ng::Value, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
 /// Every PromQL expression of the rule files (`expr:` values).
 pub fn rule_exprs() -> Vec<String> {
-    rule_files().iter().flat_map(|p| yaml_values(&fs::read_to_string(p).expect("rule file"), "expr")).collect()
+    rules().iter().filter_map(|r| yaml_str(r, &["expr"]).map(str::to_owned)).collect()
 }
 
 /// Every panel of a dashboard, including panels nested in collapsed rows.
