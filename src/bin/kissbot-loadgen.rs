@@ -51,7 +51,7 @@ enum Mode {
 #[derive(Args)]
 struct IngestArgs {
     /// The exporter's Unix socket.
-    #[arg(long, default_value = kissbot_exporter::client::DEFAULT_SOCKET_PATH)]
+    #[arg(long, default_value = kissbot_client::DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
 
     /// The exporter's metrics URL (plain http on this machine).
