@@ -14,6 +14,9 @@ ARG DEBIAN_VERSION=12.11
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
+# All of the context, not only src/: the root Cargo.toml is a workspace, and
+# Cargo reads every member (crates/kissbot-client, tools/loadgen) to build
+# any one binary.
 COPY . .
 # The registry and target caches speed up rebuilds (BuildKit); --locked
 # builds exactly the dependency versions of Cargo.lock.

@@ -24,6 +24,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SUMMARY=$OUT/summary.txt
 
+# At the workspace root, --bins builds the binaries of every default member:
+# the exporter and tools/loadgen.
 cargo build --release --locked --bins
 BIN=$PWD/target/release/kissbot-exporter
 LG=$PWD/target/release/kissbot-loadgen

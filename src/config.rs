@@ -18,7 +18,7 @@ pub const DEFAULT_PORT: u16 = 8377;
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Path of the Unix socket the bots write to.
-    #[arg(long = "socket.path", env = "KISSBOT_EXPORTER_SOCKET_PATH", default_value = crate::client::DEFAULT_SOCKET_PATH)]
+    #[arg(long = "socket.path", env = "KISSBOT_EXPORTER_SOCKET_PATH", default_value = kissbot_client::DEFAULT_SOCKET_PATH)]
     pub socket_path: PathBuf,
 
     /// Permissions of the socket file, in octal; applied at creation time.

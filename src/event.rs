@@ -650,6 +650,13 @@ mod tests {
     }
 
     #[test]
+    fn the_client_crate_refuses_channels_at_the_same_length() {
+        // kissbot-client cannot depend on this crate, so it keeps a copy of
+        // the limit to refuse what this parser would reject.
+        assert_eq!(kissbot_client::MAX_CHANNEL_BYTES, MAX_LABEL_BYTES);
+    }
+
+    #[test]
     fn escaped_and_non_ascii_strings() {
         let e = parse_line(r#"{"type":"heartbeat","channel":"caf\u00e9 \"q\"\n","pid":7}"#.as_bytes()).unwrap();
         assert_eq!(e.channel(), "café \"q\"\n");

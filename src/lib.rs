@@ -21,7 +21,7 @@
 //! - [`sampler`]: CPU, memory and liveness of the bots' processes, on its own thread.
 //! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
 //! - [`web_config`]: the `--web.config.file` YAML: TLS and basic authentication.
-//! - [`client`]: a fire-and-forget client for bots in Rust, and `kissbot-exporter send`.
+//! - [`send`]: `kissbot-exporter send`, one message through the `kissbot-client` crate.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
 //! - [`error`]: the crate's error type.
 //!
@@ -29,7 +29,6 @@
 //! bound addresses tests can read; [`run`] is `start` plus waiting for a
 //! shutdown future, which is all the binary does.
 
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -46,6 +45,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod row;
 pub mod sampler;
+pub mod send;
 pub mod shutdown;
 pub mod state;
 pub mod store;

@@ -1,12 +1,12 @@
 //! The `kissbot-exporter` binary: flags, logging, then [`kissbot_exporter::run`];
-//! or, with a subcommand, a one-shot client ([`kissbot_exporter::client::cli`]).
+//! or, with a subcommand, a one-shot client ([`kissbot_exporter::send`]).
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kissbot_exporter::client::cli::SendArgs;
 use kissbot_exporter::config::{Config, LogFormat};
+use kissbot_exporter::send::SendArgs;
 use tracing_subscriber::EnvFilter;
 
 /// Prometheus exporter and drop-in monitor for KissBot fleets.

@@ -1,5 +1,8 @@
-//! The Rust client and `kissbot-exporter send` against the real binary: a
-//! real Unix socket, a real SQLite file and real scrapes.
+//! The `kissbot-client` crate and `kissbot-exporter send` against the
+//! exporter: first the client's lines against the exporter's own parser (the
+//! client cannot depend on the exporter, so this is where the two are held
+//! together), then the real binary with a real Unix socket, a real SQLite
+//! file and real scrapes.
 
 mod common;
 
@@ -7,7 +10,274 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kissbot_exporter::client::{LlmCall, MonitorClient};
+use kissbot_client::{LlmCall, Message, MonitorClient, MAX_CHANNEL_BYTES};
+use kissbot_exporter::event::{parse_line, truncate, Event, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------
+// The client's lines against the exporter's parser
+// ---------------------------------------------------------------------------
+
+/// A client for `channel` with `pid`, or a usage-only one without.
+fn client(channel: &str, pid: Option<u32>) -> MonitorClient {
+    match pid {
+        Some(pid) => MonitorClient::new(channel, pid),
+        None => MonitorClient::usage_only(channel),
+    }
+}
+
+/// The line a sender without the client's checks would write for `message`:
+/// the same fields, written by serde_json.
+fn unchecked_line(channel: &str, pid: Option<u32>, message: &Message<'_>) -> String {
+    use serde_json::{Map, Value};
+    let mut o = Map::new();
+    o.insert("type".into(), message.kind().into());
+    o.insert("channel".into(), channel.into());
+    if let Some(pid) = pid {
+        o.insert("pid".into(), pid.into());
+    }
+    match message {
+        Message::Register { features } => {
+            let features = features.iter().map(|(name, on)| ((*name).to_owned(), Value::Bool(*on))).collect();
+            o.insert("features".into(), Value::Object(features));
+        }
+        Message::Heartbeat | Message::Unregister => {}
+        Message::LlmUsage(call) => {
+            o.insert("model".into(), call.model.into());
+            o.insert("feature".into(), call.feature.into());
+            o.insert("tokens_in".into(), call.tokens_in.into());
+            o.insert("tokens_out".into(), call.tokens_out.into());
+            if let Some(ms) = call.latency_ms {
+                o.insert("latency_ms".into(), ms.into());
+            }
+            if let Some(usd) = call.cost_usd {
+                o.insert("cost_usd".into(), usd.into());
+            }
+            if let Some(provider) = call.provider {
+                o.insert("provider".into(), provider.into());
+            }
+            if let Some(cached) = call.tokens_cached {
+                o.insert("tokens_cached".into(), cached.into());
+            }
+            if call.failed {
+                o.insert("status".into(), "error".into());
+            }
+        }
+    }
+    Value::Object(o).to_string()
+}
+
+/// The rejection reason in a client error, e.g. `label_too_long` in "the
+/// exporter would reject this heartbeat (label_too_long): ...".
+fn client_reason(err: &std::io::Error) -> Option<String> {
+    let text = err.to_string();
+    let rest = text.strip_prefix("the exporter would reject this ")?;
+    let (_, rest) = rest.split_once(" (")?;
+    Some(rest.split_once(')')?.0.to_owned())
+}
+
+/// Equal up to the last bit or so: serde_json's default float parser may be
+/// one unit in the last place off the shortest representation it reads.
+fn close(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() <= a.abs().max(b.abs()) * 4.0 * f64::EPSILON,
+        (a, b) => a == b,
+    }
+}
+
+/// Checks that the client sends `message` exactly when the exporter accepts
+/// it, that a refusal names the reason the exporter gives, and that what is
+/// sent reads back as the message.
+fn assert_client_agrees_with_parser(channel: &str, pid: Option<u32>, message: &Message<'_>) {
+    let unchecked = parse_line(unchecked_line(channel, pid, message).as_bytes());
+    let line = match client(channel, pid).line(message) {
+        Ok(line) => line,
+        Err(e) => {
+            let r = unchecked.expect_err(&format!("the client refused what the exporter accepts: {e}"));
+            assert_eq!(client_reason(&e).as_deref(), Some(r.reason.as_str()), "{e} vs {r:?}");
+            return;
+        }
+    };
+    assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'), "{line:?}");
+    if let Err(r) = &unchecked {
+        panic!("the client sends what the exporter rejects ({r:?}): {line}");
+    }
+    let event = parse_line(line.trim_end_matches('\n').as_bytes()).unwrap_or_else(|r| panic!("{r:?}: {line}"));
+    assert_eq!(event.kind(), message.kind());
+    assert_eq!(event.channel(), channel);
+    match (message, event) {
+        (Message::Register { features }, Event::Register { pid: got, features: got_features, .. }) => {
+            assert_eq!(Some(got), pid);
+            // The exporter drops nameless features, sorts them and keeps one
+            // of each name.
+            let mut want: Vec<(String, bool)> =
+                features.iter().filter(|(n, _)| !n.is_empty()).map(|(n, on)| ((*n).to_owned(), *on)).collect();
+            want.sort();
+            want.dedup_by(|a, b| a.0 == b.0);
+            assert_eq!(got_features, want);
+        }
+        (Message::Heartbeat, Event::Heartbeat { pid: got, .. })
+        | (Message::Unregister, Event::Unregister { pid: got, .. }) => assert_eq!(Some(got), pid),
+        (Message::LlmUsage(call), Event::LlmUsage(u)) => {
+            assert_eq!(u.pid, pid);
+            assert_eq!(u.model, truncate(call.model, MAX_LABEL_BYTES));
+            assert_eq!(u.feature, truncate(call.feature, MAX_LABEL_BYTES));
+            assert_eq!(u.truncated, call.model.len() > MAX_LABEL_BYTES || call.feature.len() > MAX_LABEL_BYTES);
+            assert_eq!((u.tokens_in, u.tokens_out), (call.tokens_in, call.tokens_out));
+            assert!(close(u.latency_ms, call.latency_ms), "{:?} vs {:?}", u.latency_ms, call.latency_ms);
+            assert!(close(u.reported_cost_usd, call.cost_usd), "{:?} vs {:?}", u.reported_cost_usd, call.cost_usd);
+            let provider = call.provider.filter(|p| !p.is_empty()).map(|p| truncate(p, MAX_LABEL_BYTES).to_owned());
+            assert_eq!(u.provider, provider);
+            assert_eq!(u.tokens_cached, call.tokens_cached.unwrap_or(0));
+            assert_eq!(u.error, call.failed);
+        }
+        (m, e) => panic!("{m:?} read back as {e:?}"),
+    }
+}
+
+#[test]
+fn client_and_exporter_share_the_channel_limit() {
+    assert_eq!(MAX_CHANNEL_BYTES, MAX_LABEL_BYTES);
+}
+
+#[test]
+fn client_lines_are_the_stock_lines() {
+    let c = MonitorClient::new("el_serda", 12345);
+    let line = |m: Message<'_>| c.line(&m).unwrap().trim_end_matches('\n').to_owned();
+    assert_eq!(line(Message::Register { features: &[("llm", true), ("translator", false)] }), REGISTER);
+    assert_eq!(line(Message::Heartbeat), HEARTBEAT);
+    assert_eq!(line(Message::Unregister), UNREGISTER);
+    let usage = MonitorClient::usage_only("el_serda");
+    let call = LlmCall::new("gpt-4", "jokes", 145, 87).latency_ms(1850.0);
+    assert_eq!(usage.line(&Message::LlmUsage(call)).unwrap().trim_end_matches('\n'), LLM_USAGE);
+}
+
+#[test]
+fn escaped_strings_read_back_unchanged() {
+    let channel = "caf\u{e9} \"q\"\n\\ \u{1F600}\u{7f}";
+    let c = MonitorClient::new(channel, 1);
+    let line = c.line(&Message::Heartbeat).unwrap();
+    assert!(line.is_ascii(), "{line}");
+    assert_eq!(parse_line(line.trim_end().as_bytes()).unwrap().channel(), channel);
+    assert_client_agrees_with_parser(channel, Some(1), &Message::Heartbeat);
+}
+
+#[test]
+fn client_refuses_exactly_what_the_exporter_rejects_at_every_limit() {
+    let max_pid = i32::MAX as u32;
+    let at = |n: usize| "x".repeat(n);
+    let e_acute = |n: usize| "\u{e9}".repeat(n);
+    for (channel, pid) in [
+        (at(MAX_LABEL_BYTES), Some(1)),
+        (at(MAX_LABEL_BYTES + 1), Some(1)),
+        (e_acute(MAX_LABEL_BYTES / 2), Some(1)),
+        (e_acute(MAX_LABEL_BYTES / 2 + 1), Some(1)),
+        (String::new(), Some(1)),
+        (" \t".to_owned(), Some(1)),
+        ("a".to_owned(), Some(0)),
+        ("a".to_owned(), Some(max_pid)),
+        ("a".to_owned(), Some(max_pid + 1)),
+        ("a".to_owned(), Some(u32::MAX)),
+    ] {
+        for message in [
+            Message::Heartbeat,
+            Message::Unregister,
+            Message::Register { features: &[("", true), ("b", false), ("a", true), ("b", true)] },
+        ] {
+            assert_client_agrees_with_parser(&channel, pid, &message);
+        }
+        assert_client_agrees_with_parser(&channel, pid, &Message::LlmUsage(LlmCall::new("m", "f", 1, 1)));
+    }
+    let long = at(MAX_LABEL_BYTES * 3);
+    let calls = [
+        LlmCall::new("m", "f", 0, 0),
+        LlmCall::new("", "f", 1, 1),
+        LlmCall::new("m", "", 1, 1),
+        LlmCall::new(&long, &long, 1, 1).provider(&long),
+        LlmCall::new("m", "f", 1, 1).provider(""),
+        LlmCall::new("m", "f", MAX_TOKENS, MAX_TOKENS),
+        LlmCall::new("m", "f", MAX_TOKENS + 1, 1),
+        LlmCall::new("m", "f", 1, MAX_TOKENS + 1),
+        LlmCall::new("m", "f", u64::MAX, u64::MAX),
+        LlmCall::new("m", "f", 1, 1).latency_ms(MAX_LATENCY_MS),
+        LlmCall::new("m", "f", 1, 1).latency_ms(MAX_LATENCY_MS + 0.5),
+        LlmCall::new("m", "f", 1, 1).latency_ms(-0.5),
+        LlmCall::new("m", "f", 1, 1).latency_ms(-0.0),
+        LlmCall::new("m", "f", 1, 1).latency_ms(0.001_234_5),
+        LlmCall::new("m", "f", 1, 1).cost_usd(MAX_COST_USD),
+        LlmCall::new("m", "f", 1, 1).cost_usd(MAX_COST_USD + 0.01),
+        LlmCall::new("m", "f", 1, 1).cost_usd(-1.0),
+        LlmCall::new("m", "f", 1, 1).cost_usd(1e-12),
+        LlmCall::new("m", "f", 10, 1).tokens_cached(10),
+        LlmCall::new("m", "f", 10, 1).tokens_cached(11),
+        LlmCall::new("m", "f", MAX_TOKENS + 1, 1).tokens_cached(MAX_TOKENS + 1),
+        LlmCall::new("m", "f", 10, 1).failed(),
+    ];
+    for call in calls {
+        for pid in [None, Some(1), Some(0), Some(i32::MAX as u32 + 1)] {
+            assert_client_agrees_with_parser("a", pid, &Message::LlmUsage(call));
+        }
+    }
+}
+
+/// Floats near and past the exporter's limits, whole and fractional.
+fn float_near(max: f64) -> impl Strategy<Value = Option<f64>> {
+    prop_oneof![
+        Just(None),
+        (0.0..1e4f64).prop_map(Some),
+        (0u32..100_000).prop_map(|n| Some(f64::from(n))),
+        Just(Some(max)),
+        (0.0..2.0 * max).prop_map(Some),
+        (-1e3..0.0f64).prop_map(Some),
+    ]
+}
+
+/// Token counts near and past the exporter's limit.
+fn tokens() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..5_000, Just(MAX_TOKENS), Just(MAX_TOKENS + 1), any::<u64>()]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn client_and_parser_agree_on_random_messages(
+        channel in "[ a-z0-9_\u{e9}\u{1F600}\t\n\"\\\\]{0,140}",
+        pid in prop_oneof![Just(None), Just(Some(0u32)), (1u32..100_000).prop_map(Some), Just(Some(i32::MAX as u32)), any::<u32>().prop_map(Some)],
+        kind in 0u8..4,
+        features in proptest::collection::vec(("[a-z\u{e9}]{0,4}", any::<bool>()), 0..5),
+        model in "[a-z0-9.\u{e9}-]{0,140}",
+        feature in "[a-z_]{0,6}",
+        (tokens_in, tokens_out) in (tokens(), tokens()),
+        latency_ms in float_near(MAX_LATENCY_MS),
+        cost_usd in float_near(MAX_COST_USD),
+        provider in proptest::option::of("[a-z]{0,6}"),
+        tokens_cached in proptest::option::of(tokens()),
+        failed in any::<bool>(),
+    ) {
+        let features: Vec<(&str, bool)> = features.iter().map(|(n, on)| (n.as_str(), *on)).collect();
+        let message = match kind {
+            0 => Message::Register { features: &features },
+            1 => Message::Heartbeat,
+            2 => Message::Unregister,
+            _ => Message::LlmUsage(LlmCall {
+                model: &model,
+                feature: &feature,
+                tokens_in,
+                tokens_out,
+                latency_ms,
+                cost_usd,
+                provider: provider.as_deref(),
+                tokens_cached,
+                failed,
+            }),
+        };
+        // Only usage may go without a pid; the client refuses the others
+        // before any check of the exporter's.
+        let pid = if matches!(message, Message::LlmUsage(_)) { pid } else { pid.or(Some(1)) };
+        assert_client_agrees_with_parser(&channel, pid, &message);
+    }
+}
 
 /// Bots use their own pid; the test process is a live one.
 fn pid() -> u32 {

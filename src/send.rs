@@ -1,5 +1,6 @@
 //! `kissbot-exporter send`: one message from the command line, through
-//! [`MonitorClient`], for shell-script bots, cron jobs and smoke tests.
+//! [`MonitorClient`] of the `kissbot-client` crate, for shell-script bots,
+//! cron jobs and smoke tests.
 
 use std::io;
 use std::path::PathBuf;
@@ -7,8 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use kissbot_client::{LlmCall, Message, MonitorClient, DEFAULT_SOCKET_PATH};
 
-use super::{LlmCall, Message, MonitorClient, DEFAULT_SOCKET_PATH};
 use crate::config::parse_duration;
 
 /// The message kinds `send` can write.
@@ -28,7 +29,7 @@ pub enum Kind {
 ///
 /// ```
 /// use clap::Parser;
-/// use kissbot_exporter::client::cli::{Kind, SendArgs};
+/// use kissbot_exporter::send::{Kind, SendArgs};
 ///
 /// #[derive(Parser)]
 /// struct Cli {
@@ -107,7 +108,7 @@ impl SendArgs {
     ///
     /// ```no_run
     /// use clap::Parser;
-    /// use kissbot_exporter::client::cli::SendArgs;
+    /// use kissbot_exporter::send::SendArgs;
     ///
     /// #[derive(Parser)]
     /// struct Cli {
@@ -159,7 +160,7 @@ impl SendArgs {
     ///
     /// ```no_run
     /// use clap::Parser;
-    /// use kissbot_exporter::client::cli::SendArgs;
+    /// use kissbot_exporter::send::SendArgs;
     ///
     /// #[derive(Parser)]
     /// struct Cli {
