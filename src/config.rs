@@ -60,9 +60,12 @@ pub struct Config {
     #[arg(long = "db.batch-size", env = "KISSBOT_EXPORTER_DB_BATCH_SIZE", default_value_t = 4096)]
     pub db_batch_size: usize,
 
-    /// Address of the HTTP server (metrics, landing page, health, API).
-    #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377")]
-    pub web_listen_address: SocketAddr,
+    /// Address of the HTTP server (metrics, landing page, health, API):
+    /// `host:port`, `[::1]:port`, a host name such as `localhost:8377`, or
+    /// `:port` for every interface. Give it more than once (or comma-separated
+    /// in the environment variable) to listen on several addresses.
+    #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377", value_delimiter = ',', value_parser = parse_listen_address)]
+    pub web_listen_address: Vec<ListenAddress>,
 
     /// Enable the lifecycle endpoint `POST /-/reload` (re-reads the pricing file).
     #[arg(long = "web.enable-lifecycle", env = "KISSBOT_EXPORTER_WEB_ENABLE_LIFECYCLE")]
@@ -189,10 +192,62 @@ pub enum VerifyPid {
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
-    /// Human-readable `key=value` lines.
+    /// Human-readable lines: time, level, target, message, `key=value` fields.
     Text,
+    /// logfmt, as the Prometheus exporter toolkit writes it: `ts=… level=… msg=… key=value`.
+    Logfmt,
     /// One JSON object per line.
     Json,
+}
+
+/// One `--web.listen-address`, as given; resolved when the server binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddress {
+    /// The host part (`0.0.0.0` for `:port`), without IPv6 brackets.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl ListenAddress {
+    /// The socket addresses the host resolves to (a name may give several;
+    /// the server binds the first that works, as the exporter toolkit does).
+    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        Ok((self.host.as_str(), self.port).to_socket_addrs()?.collect())
+    }
+}
+
+/// Parses `host:port`, `[v6]:port`, `name:port` or `:port` (every interface),
+/// the forms Prometheus exporters accept.
+pub fn parse_listen_address(s: &str) -> Result<ListenAddress, String> {
+    let s = s.trim();
+    let bad = |why: &str| format!("{s:?}: {why} (expected host:port, [::1]:port or :port)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+    let host = if host.is_empty() {
+        "0.0.0.0".to_owned()
+    } else if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad("not an IPv6 address in brackets"))?;
+        v6.to_owned()
+    } else if host.contains(':') {
+        return Err(bad("an IPv6 address needs brackets"));
+    } else if host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+        host.to_owned()
+    } else {
+        return Err(bad("not a host name or address"));
+    };
+    Ok(ListenAddress { host, port })
 }
 
 impl Config {
@@ -246,6 +301,28 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses() {
+        let p = |s: &str| parse_listen_address(s).map(|a| a.to_string());
+        assert_eq!(p(":8377"), Ok("0.0.0.0:8377".into()));
+        assert_eq!(p("localhost:9377"), Ok("localhost:9377".into()));
+        assert_eq!(p("[::1]:8377"), Ok("[::1]:8377".into()));
+        assert_eq!(p("127.0.0.1:0"), Ok("127.0.0.1:0".into()));
+        assert!(p("8377").is_err());
+        assert!(p("::1:8377").is_err());
+        assert!(p("host:99999").is_err());
+        assert!(p("a b:1").is_err());
+        let c =
+            Config::try_from_args(["x", "--web.listen-address=:8377", "--web.listen-address=localhost:9377"]).unwrap();
+        assert_eq!(c.web_listen_address.len(), 2);
+        assert!(parse_listen_address("localhost:9377")
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .iter()
+            .all(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
     fn modes() {
         assert_eq!(parse_mode("0660"), Ok(0o660));
         assert_eq!(parse_mode("600"), Ok(0o600));
@@ -256,7 +333,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::try_from_args(["kissbot-exporter"]).expect("defaults parse");
-        assert_eq!(c.web_listen_address.port(), DEFAULT_PORT);
+        assert_eq!(c.web_listen_address, [ListenAddress { host: "127.0.0.1".into(), port: DEFAULT_PORT }]);
         assert_eq!(c.socket_mode, 0o660);
         assert_eq!(c.heartbeat_stale_after, Duration::from_secs(90));
     }

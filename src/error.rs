@@ -1,7 +1,6 @@
 //! The library's single error type.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Everything that can go wrong while starting or running the exporter.
@@ -37,8 +36,8 @@ pub enum Error {
     /// Binding the HTTP listener failed.
     #[error("cannot listen on {addr}: {source}")]
     HttpBind {
-        /// The address that could not be bound.
-        addr: SocketAddr,
+        /// The address that could not be bound, as given.
+        addr: String,
         /// The underlying I/O error.
         #[source]
         source: io::Error,

@@ -4,52 +4,75 @@
 //!
 //! # Modules
 //!
-//! - [`clock`]: Unix time and the ISO-8601 strings of the database (bottom of the graph).
-//! - [`row`]: the database rows, shared by the state machine and the store.
-//! - [`ratelimit`]: rate-limited log lines for bad input.
-//! - [`reload`]: re-reading the pricing file on SIGHUP and `POST /-/reload`.
+//! - `clock`: Unix time and the ISO-8601 strings of the database (bottom of the graph).
+//! - `row`: the database rows, shared by the state machine and the store.
+//! - `ratelimit`: rate-limited log lines for bad input.
+//! - `reload`: re-reading the pricing file on SIGHUP and `POST /-/reload`.
+//! - `notify`: systemd readiness, stopping and watchdog notifications.
 //! - `lockfile`: the lock files that keep two exporters off one socket or database.
 //! - [`config`]: flags and environment variables (clap).
-//! - [`ingest`]: the Unix socket: safe bind, accept loop, per-connection line reader.
-//! - [`event`]: the wire messages and their validation; rejection reasons.
-//! - [`frame`]: JSON Lines framing with a bounded line length; pure, fuzzed.
+//! - `ingest`: the Unix socket: safe bind, accept loop, per-connection line reader.
+//! - `event`: the wire messages and their validation; rejection reasons.
+//! - `frame`: JSON Lines framing with a bounded line length; pure, fuzzed.
 //! - `fuzz_support`: the properties the fuzz targets in `fuzz/` check (hidden).
-//! - [`state`]: the bot registry and LLM tallies; pure, clock passed in.
-//! - [`pricing`]: the LLM price table and cost computation.
-//! - [`metrics`]: the Prometheus registry and the collector over the state; no I/O.
-//! - [`store`]: the only code that touches SQLite, on its own writer thread.
-//! - [`sampler`]: CPU, memory and liveness of the bots' processes, on its own thread.
-//! - [`http`]: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
-//! - [`web_config`]: the `--web.config.file` YAML: TLS and basic authentication.
+//! - `state`: the bot registry and LLM tallies; pure, clock passed in.
+//! - `pricing`: the LLM price table and cost computation.
+//! - `metrics`: the Prometheus registry and the collector over the state; no I/O.
+//! - `store`: the only code that touches SQLite, on its own writer thread.
+//! - `sampler`: CPU, memory and liveness of the bots' processes, on its own thread.
+//! - `http`: hyper routes: `/metrics`, `/`, `/health*`, `/api/bots`.
+//! - `web_config`: the `--web.config.file` YAML: TLS and basic authentication.
 //! - [`send`]: `kissbot-exporter send`, one message through the `kissbot-client` crate.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
 //! - [`error`]: the crate's error type.
+//!
+//! Only `config`, `error`, `send` and `shutdown` are public, with [`start`],
+//! [`run`] and [`check_config`]; everything else is internal, and what the
+//! tests drive directly is re-exported, hidden, from `testing`.
 //!
 //! [`start`] wires them together and returns a [`Running`] exporter whose
 //! bound addresses tests can read; [`run`] is `start` plus waiting for a
 //! shutdown future, which is all the binary does.
 
-pub mod clock;
 pub mod config;
 pub mod error;
-pub mod event;
-pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_support;
-pub mod http;
-pub mod ingest;
-mod lockfile;
-pub mod metrics;
-pub mod pricing;
-pub mod ratelimit;
-pub mod reload;
-pub mod row;
-pub mod sampler;
 pub mod send;
 pub mod shutdown;
-pub mod state;
-pub mod store;
-pub mod web_config;
+
+mod clock;
+mod event;
+mod frame;
+mod http;
+mod ingest;
+mod lockfile;
+mod metrics;
+mod notify;
+mod pricing;
+mod ratelimit;
+mod reload;
+mod row;
+mod sampler;
+mod state;
+mod store;
+mod web_config;
+
+/// What the property, golden and client tests drive directly, exposed on
+/// purpose and hidden from the documentation: the state machine, the metric
+/// renderer, the price table, the parser and framing. Not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::clock::{format_time, parse_time, unix_now};
+    pub use crate::event::{
+        parse_line, truncate, Event, LlmUsage, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS,
+    };
+    pub use crate::frame::Framer;
+    pub use crate::metrics::Metrics;
+    pub use crate::pricing::PriceTable;
+    pub use crate::state::{OverflowCounters, Sample, SampleResult, Snapshot, State, StateConfig, Status};
+    pub use crate::store::SCHEMA_VERSION;
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -202,7 +225,13 @@ async fn start_inner(
     // and no other thread creates files yet.
     let group = config.socket_group.as_deref().map(resolve_group).transpose()?;
     let (listener, guard) = ingest::bind(&config.socket_path, config.socket_mode, group)?;
-    let (http_listener, http_addr) = http::bind(config.web_listen_address).await?;
+    let bound = http::bind(&config.web_listen_address).await?;
+    // The first address is the one `Running::http_addr` reports.
+    let http_addr = bound
+        .first()
+        .map(|(_, a)| *a)
+        .ok_or(Error::Config { what: "--web.listen-address", reason: "no address given".into() })?;
+    let http_listeners: Vec<_> = bound.into_iter().map(|(l, _)| l).collect();
 
     let pricing = PriceTable::from_config(config.pricing_file.as_deref()).map_err(Error::Pricing)?;
     if let Some(p) = &config.pricing_file {
@@ -321,7 +350,7 @@ async fn start_inner(
         ),
     });
     let limits = http::Limits { max_connections: config.web_max_connections as usize };
-    let http_task = tokio::spawn(http::serve(http_listener, app, web, limits, token.clone()));
+    let http_task = tokio::spawn(http::serve(http_listeners, app, web, limits, token.clone()));
     // The SIGHUP task started first stops with the exporter.
     let hup_stop = hup_token.clone();
     let stop_token = token.clone();
@@ -379,7 +408,7 @@ pub fn check_config(config: &Config) -> Result<Vec<String>> {
         "socket {}, database {}, http {}",
         config.socket_path.display(),
         config.db_path.display(),
-        config.web_listen_address
+        config.web_listen_address.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
     ));
     Ok(report)
 }
@@ -408,7 +437,10 @@ pub fn resolve_group(name: &str) -> Result<u32> {
 /// Runs the exporter until `shutdown` resolves, then drains and stops.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let running = start(config).await?;
+    notify::ready();
+    notify::spawn_watchdog();
     shutdown.await;
+    notify::stopping();
     running.shutdown().await
 }
 

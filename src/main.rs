@@ -35,11 +35,21 @@ enum Command {
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter =
-        EnvFilter::try_new(&config.log_level).with_context(|| format!("invalid --log.level {:?}", config.log_level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        || EnvFilter::try_new(&config.log_level).with_context(|| format!("invalid --log.level {:?}", config.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter()?).with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.with_ansi(false).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Logfmt => {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            let logfmt = tracing_logfmt::builder()
+                .with_span_name(false)
+                .with_span_path(false)
+                .layer()
+                .with_writer(std::io::stderr);
+            tracing_subscriber::registry().with(filter()?).with(logfmt).init();
+        }
     }
     Ok(())
 }

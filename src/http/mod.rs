@@ -36,7 +36,6 @@ use crate::reload::Reloader;
 use crate::state::State;
 use crate::store::WriterStatus;
 
-pub use routes::{accepts_gzip, METRICS_CONTENT_TYPE};
 pub use scrape::ScrapeCache;
 pub use server::{bind, serve, Limits};
 

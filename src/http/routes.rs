@@ -73,6 +73,15 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
         }
         "/health" => health(app),
         "/healthz" | "/health/live" => text(StatusCode::OK, "ok\n"),
+        // As Prometheus and its exporters answer them.
+        "/-/healthy" => text(StatusCode::OK, "kissbot-exporter is Healthy.\n"),
+        "/-/ready" => {
+            if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "kissbot-exporter is Ready.\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n")
+            }
+        }
         "/health/ready" => {
             if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
                 text(StatusCode::OK, "ready\n")

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::routes::{dispatch, text};
 use super::App;
+use crate::config::ListenAddress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimitedLog;
 use crate::web_config::{BasicAuth, WebConfig};
@@ -55,17 +56,37 @@ const MAX_BUF_BYTES: usize = 64 * 1024;
 /// Most header fields in a request (431 beyond).
 const MAX_HEADERS: usize = 100;
 
-/// The `WWW-Authenticate` challenge of a 401 (realm [`crate::web_config::REALM`]).
+/// The `WWW-Authenticate` challenge of a 401: realm `kissbot-exporter`, UTF-8
+/// credentials (RFC 7617).
 const CHALLENGE: &str = "Basic realm=\"kissbot-exporter\", charset=\"UTF-8\"";
 
 /// Largest request body accepted; no endpoint reads one.
 const MAX_REQUEST_BODY: u64 = 4 * 1024;
 
-/// Binds the HTTP listener; the bound address is returned so that port 0 works.
-pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::HttpBind { addr, source })?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
+/// Binds one listener per `--web.listen-address`; the bound addresses are
+/// returned so that port 0 works. A host name binds the first address it
+/// resolves to that can be bound.
+pub async fn bind(addrs: &[ListenAddress]) -> Result<Vec<(TcpListener, SocketAddr)>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let err = |source| Error::HttpBind { addr: addr.to_string(), source };
+        let resolved = addr.resolve().map_err(err)?;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
+        let mut bound = None;
+        for a in resolved {
+            match TcpListener::bind(a).await {
+                Ok(l) => {
+                    bound = Some(l);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let listener = bound.ok_or_else(|| err(last))?;
+        let local = listener.local_addr()?;
+        out.push((listener, local));
+    }
+    Ok(out)
 }
 
 /// Connection limits of the HTTP server.
@@ -78,12 +99,6 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits { max_connections: 256 }
-    }
-}
-
 /// What every connection task shares.
 struct Shared {
     app: Arc<App>,
@@ -94,12 +109,22 @@ struct Shared {
 /// Serves HTTP (or HTTPS, with `tls_server_config`) until `shutdown`, then
 /// lets requests in flight finish. `web` adds TLS, basic authentication
 /// and response headers; `limits` bounds the open connections.
-pub async fn serve(listener: TcpListener, app: Arc<App>, web: WebConfig, limits: Limits, shutdown: CancellationToken) {
+/// Every listener shares the connection limit, the authentication and the
+/// handlers.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    app: Arc<App>,
+    web: WebConfig,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let tls = web.tls().map(TlsAcceptor::from);
     let auth = web.basic_auth();
-    if let Ok(addr) = listener.local_addr() {
-        info!(address = %addr, tls = tls.is_some(), basic_auth = auth.is_some(), "http server listening");
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, tls = tls.is_some(), basic_auth = auth.is_some(), "http server listening");
+        }
     }
     let headers = web
         .headers()
@@ -108,29 +133,49 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, web: WebConfig, limits:
         .collect();
     let shared = Arc::new(Shared { app, auth, headers });
     let slots = Arc::new(Slots::new(limits.max_connections));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = slots.admit() else {
-            debug!(peer = %peer, "http connection refused: every connection is serving a request");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let io = Tracked { inner: stream, slot: slot.slot.clone() };
-        tracker.spawn(connection(io, tls.clone(), shared.clone(), slot, shutdown.clone()));
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let accept = Accept { listener, slots: slots.clone(), shared: shared.clone(), tls: tls.clone() };
+        loops.spawn(accept.run(tracker.clone(), shutdown.clone()));
     }
+    while loops.join_next().await.is_some() {}
     tracker.close();
     tracker.wait().await;
+}
+
+/// The accept loop of one listener.
+struct Accept {
+    listener: TcpListener,
+    slots: Arc<Slots>,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Accept {
+    async fn run(self, tracker: TaskTracker, shutdown: CancellationToken) {
+        let Accept { listener, slots, shared, tls } = self;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = slots.admit() else {
+                debug!(peer = %peer, "http connection refused: every connection is serving a request");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let io = Tracked { inner: stream, slot: slot.slot.clone() };
+            tracker.spawn(connection(io, tls.clone(), shared.clone(), slot, shutdown.clone()));
+        }
+    }
 }
 
 /// One connection: the TLS handshake if any, then HTTP/1.1 until the peer
@@ -408,7 +453,7 @@ async fn route(shared: &Shared, slot: &Arc<Slot>, req: Request<Incoming>) -> Res
         return r;
     }
     let path = req.uri().path();
-    let liveness = path == "/healthz" || path == "/health/live";
+    let liveness = matches!(path, "/healthz" | "/health/live" | "/-/healthy");
     if let (Some(auth), false) = (&shared.auth, liveness) {
         if !auth.check(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)).await {
             debug!(path, "http request without valid credentials");
@@ -419,14 +464,4 @@ async fn route(shared: &Shared, slot: &Arc<Slot>, req: Request<Incoming>) -> Res
     }
     let _busy = Busy::new(slot.clone());
     dispatch(&shared.app, req).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::CHALLENGE;
-
-    #[test]
-    fn challenge_names_the_realm() {
-        assert!(CHALLENGE.contains(&format!("realm=\"{}\"", crate::web_config::REALM)));
-    }
 }

@@ -29,7 +29,6 @@ use crate::error::{Error, Result};
 use crate::row::{RestoredBot, Row};
 
 pub use schema::{DbOptions, SCHEMA_VERSION};
-pub use usage::{GroupBy, UsageGroup};
 
 /// Liveness of the writer thread, for `/health`.
 #[derive(Debug, Default)]

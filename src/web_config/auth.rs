@@ -7,9 +7,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-/// The realm announced in `WWW-Authenticate`.
-pub const REALM: &str = "kissbot-exporter";
-
 /// How long the outcome of a bcrypt verification is remembered.
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(60);
 

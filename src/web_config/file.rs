@@ -126,11 +126,6 @@ impl WebConfig {
         Ok(WebConfig { path: Some(path.to_owned()), tls, auth, headers })
     }
 
-    /// The file this configuration was read from, if any.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
     /// The rustls server configuration when TLS is on.
     pub fn tls(&self) -> Option<Arc<ServerConfig>> {
         self.tls.clone()

@@ -36,7 +36,7 @@ mod tls;
 
 use std::path::{Path, PathBuf};
 
-pub use auth::{BasicAuth, REALM};
+pub use auth::BasicAuth;
 pub use file::WebConfig;
 
 /// Why a web configuration file was refused.

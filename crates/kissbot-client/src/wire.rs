@@ -16,7 +16,7 @@ pub const MAX_CHANNEL_BYTES: usize = 128;
 
 // The exporter's other limits (`MAX_TOKENS`, `MAX_COST_USD`, `MAX_LATENCY_MS`
 // and `MAX_PID` in its `event` module). They are private because a bot has
-// no use for them; the exporter's tests/client.rs sends values on both sides
+// no use for them; the exporter's tests/it/client.rs sends values on both sides
 // of each one through this encoder and its parser, so a change on one side
 // alone fails there.
 

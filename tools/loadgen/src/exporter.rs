@@ -1,8 +1,6 @@
 //! Reading the exporter back: its counters from `/metrics` over plain
 //! HTTP/1.1, its llm_usage rows from SQLite, and its memory from `/proc`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,17 +29,12 @@ impl Counters {
     /// Sums the families of interest in a `/metrics` text.
     pub(crate) fn parse(text: &str) -> Counters {
         let mut c = Counters::default();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((series, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(v) = value.parse::<f64>() else { continue };
-            let name = series.split('{').next().unwrap_or(series);
-            match name {
+        for sample in kissbot_testkit::metrics::samples(text) {
+            let v = sample.value;
+            match sample.name {
                 "kissbot_exporter_messages_total" => {
                     c.accepted += v;
-                    if series.contains(r#"type="register""#) {
+                    if sample.series.contains(r#"type="register""#) {
                         c.accepted_register += v;
                     }
                 }
@@ -82,45 +75,21 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
 
 /// One plain HTTP/1.1 GET; returns the body.
 pub(crate) fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
-    http_get_with(url, "")
+    http_get_with(url, &[])
 }
 
-/// A GET with extra header lines (each ending in CRLF); returns the body as
-/// sent (still compressed if the server compressed it).
-pub(crate) fn http_get_with(url: &str, headers: &str) -> anyhow::Result<Vec<u8>> {
+/// A GET with extra headers; returns the body as sent (still compressed if
+/// the server compressed it).
+pub(crate) fn http_get_with(url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
     let (host, path) = split_url(url)?;
-    let mut s = TcpStream::connect(&host).with_context(|| format!("cannot connect to {host}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAccept: text/plain\r\n{headers}\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { bail!("malformed http response") };
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    if !head.starts_with("http/1.1 200") {
-        bail!("{url}: {}", head.lines().next().unwrap_or_default());
+    let mut all = vec![("Accept", "text/plain")];
+    all.extend_from_slice(headers);
+    let r = kissbot_testkit::http::request(host.as_str(), "GET", &path, &all, Duration::from_secs(30))
+        .with_context(|| format!("GET {url}"))?;
+    if r.status != 200 {
+        bail!("{url}: status {}", r.status);
     }
-    let body = raw.split_off(split + 4);
-    if head.contains("transfer-encoding: chunked") {
-        return dechunk(&body);
-    }
-    Ok(body)
-}
-
-/// Joins the chunks of a `Transfer-Encoding: chunked` body.
-fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(b.len());
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").context("bad chunk")?;
-        let size_text = std::str::from_utf8(&b[..nl])?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let start = nl + 2;
-        let end = start.checked_add(size).context("bad chunk size")?;
-        out.extend_from_slice(b.get(start..end).context("short chunk")?);
-        b = b.get(end + 2..).context("short chunk")?;
-    }
+    Ok(r.body)
 }
 
 /// The exporter's counters now.
@@ -171,12 +140,9 @@ mod tests {
     }
 
     #[test]
-    fn urls_split_and_chunks_join() {
+    fn urls_split() {
         assert_eq!(split_url("http://127.0.0.1:8377/metrics").unwrap(), ("127.0.0.1:8377".into(), "/metrics".into()));
         assert_eq!(split_url("http://127.0.0.1:8377").unwrap().1, "/metrics");
         assert!(split_url("https://127.0.0.1:8377/metrics").is_err());
-        assert_eq!(dechunk(b"5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\n").unwrap(), b"hello!");
-        assert!(dechunk(b"9\r\nhello\r\n").is_err());
-        assert!(dechunk(b"ffffffffffffffff\r\nhello\r\n").is_err());
     }
 }

@@ -14,7 +14,8 @@ pub(crate) fn run(args: ScrapeArgs) -> anyhow::Result<()> {
     let warm = http_get(&args.metrics_url)?;
     let text = String::from_utf8_lossy(&warm);
     let series = text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
-    let headers = if args.gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+    let gzip = [("Accept-Encoding", "gzip")];
+    let headers: &[(&str, &str)] = if args.gzip { &gzip } else { &[] };
     let mut times: Vec<u32> = Vec::with_capacity(args.count);
     let mut wire_bytes = 0;
     for _ in 0..args.count {

@@ -11,13 +11,11 @@
 //! new channel names all the time, so expiry must keep the series bounded.
 //! Retention is 2 minutes, so the database must stop growing too.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 struct Reading {
     rss_kib: u64,

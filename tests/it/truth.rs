@@ -3,15 +3,13 @@
 //! its fix. Legacy files are built here with rusqlite, the real binary runs
 //! against them, and the file, the logs and real HTTP answers are checked.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rusqlite::Connection;
 
 fn now() -> chrono::DateTime<chrono::Utc> {
@@ -286,7 +284,7 @@ fn unreadable_bot_status_rows_are_skipped_and_the_rest_restored() {
     assert_eq!(bots.len(), 1, "{bots:?}");
     assert_eq!(bots[0]["channel"], "good");
     assert!(log_has(&e.log, "skipping a bot_status row"), "{}", e.log_text());
-    assert_eq!(e.count("PRAGMA user_version"), kissbot_exporter::store::SCHEMA_VERSION);
+    assert_eq!(e.count("PRAGMA user_version"), kissbot_exporter::testing::SCHEMA_VERSION);
 }
 
 // 5. A last_seen in the future is taken as now, so the bot goes stale.
@@ -560,6 +558,7 @@ fn sighup_and_sigterm_during_a_slow_start_are_handled() {
         if then_running {
             wait_until("the start to finish", Duration::from_secs(20), || log_has(&log, "http server listening"));
             assert!(log_has(&log, "ignored: still starting"), "{}", log.lock().unwrap().join("\n"));
+            // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
         assert!(exits_with(&mut child, Duration::from_secs(20)).success());

@@ -4,11 +4,9 @@
 //! The fixtures carry rows from 2025, older than the default 7-day retention,
 //! so these runs keep everything (`--db.retention=0`) to see migration alone.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use rusqlite::Connection;
 
 const KEEP: &[&str] = &["--db.retention=0"];
@@ -106,7 +104,7 @@ fn legacy_monitor_file_is_migrated_and_keeps_rows() {
 
     let c = Connection::open(&path).unwrap();
     let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, kissbot_exporter::store::SCHEMA_VERSION);
+    assert_eq!(v, kissbot_exporter::testing::SCHEMA_VERSION);
     assert_eq!(dump(&c, "SELECT * FROM bot_metrics"), before_metrics);
     let usage = dump(
         &c,

@@ -21,9 +21,6 @@
 //! environment variable `CI` is set (and not `false` or `0`): then it fails,
 //! as in tests/bundle.rs.
 
-mod bundle_support;
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -37,11 +34,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use bundle_support::{
+use crate::bundle_support::{
     dashboard_exprs, dashboards, read, referenced_metric_names, rule_files, strict, substitute_grafana_variables,
     variable_query, variables, which,
 };
-use common::{metric_value, wait_until, Exporter};
+use crate::common::{metric_value, wait_until, Exporter};
 
 // ---------------------------------------------------------------------------
 // The fleet

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use kissbot_exporter::event::{parse_line, Event, LlmUsage};
-use kissbot_exporter::frame::Framer;
-use kissbot_exporter::metrics::Metrics;
-use kissbot_exporter::pricing::PriceTable;
-use kissbot_exporter::state::{OverflowCounters, State, StateConfig};
+use kissbot_exporter::testing::Framer;
+use kissbot_exporter::testing::Metrics;
+use kissbot_exporter::testing::PriceTable;
+use kissbot_exporter::testing::{parse_line, Event, LlmUsage};
+use kissbot_exporter::testing::{OverflowCounters, State, StateConfig};
 use proptest::prelude::*;
 
 proptest! {
@@ -212,7 +212,7 @@ fn real() -> (Arc<Mutex<State>>, Metrics) {
 /// Renders the metrics of `state` as a scrape would.
 fn render(state: &Mutex<State>, metrics: &Metrics) -> String {
     let snapshot = state.lock().unwrap().snapshot();
-    metrics.render(&snapshot, kissbot_exporter::clock::unix_now())
+    metrics.render(&snapshot, kissbot_exporter::testing::unix_now())
 }
 
 /// The bot and LLM series in a rendering, as `name{labels} value` lines.

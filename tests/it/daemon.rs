@@ -1,13 +1,11 @@
 //! End-to-end tests of the daemon: the real binary, a real Unix socket, a
 //! real SQLite file in a temp dir and real HTTP scrapes.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn stock_client_messages_land_in_metrics_and_database() {

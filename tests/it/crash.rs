@@ -2,8 +2,6 @@
 //! accepted row; `kill -9` leaves a consistent database whose committed rows
 //! all survive, and the next start takes over the socket.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -12,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const SENDERS: usize = 4;
 

@@ -4,14 +4,14 @@
 //! together), then the real binary with a real Unix socket, a real SQLite
 //! file and real scrapes.
 
-mod common;
-
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use kissbot_client::{LlmCall, Message, MonitorClient, MAX_CHANNEL_BYTES};
-use kissbot_exporter::event::{parse_line, truncate, Event, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS};
+use kissbot_exporter::testing::{
+    parse_line, truncate, Event, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS,
+};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------

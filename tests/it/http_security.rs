@@ -2,8 +2,6 @@
 //! authentication and TLS from `--web.config.file`, refusal of bad web
 //! configurations, methods, request limits and an HTTP slowloris.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{http_request, spawn, wait_until, Exporter};
 use base64::Engine as _;
-use common::{http_request, spawn, wait_until, Exporter};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 type Reply = (u16, HashMap<String, String>, Vec<u8>);

@@ -2,11 +2,9 @@
 //! the same figures in /metrics, in `llm_usage` and in `/api/usage`, and
 //! reloads that take effect or are refused.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const PRICES: &str = r#"
 unknown_models = "unpriced"

@@ -1,15 +1,13 @@
 //! Process sampling, death detection, series expiry, cardinality limits and
 //! retention, with real child processes as bots.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A real bot process: a Python child that registers itself over the socket
 /// (so the socket's peer is the very pid it reports) and then idles.

@@ -16,8 +16,7 @@ use std::process::{Command, Output};
 
 // Reading the rule files and dashboards, and `referenced_metric_names()`,
 // shared with tests/bundle_e2e.rs.
-mod bundle_support;
-use bundle_support::*;
+use crate::bundle_support::*;
 
 // ---------------------------------------------------------------------------
 // Shared functions

@@ -1,7 +1,6 @@
 //! Reading the monitoring bundle (rule files and Grafana dashboards), shared
 //! by the static checks (`tests/bundle.rs`) and the end-to-end test with real
 //! servers (`tests/bundle_e2e.rs`).
-#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -1,10 +1,9 @@
 //! Test harness: runs the real `kissbot-exporter` binary on a temp dir with
 //! a real Unix socket, a real SQLite file and a real HTTP port.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -62,6 +61,11 @@ pub fn binary() -> &'static str {
 /// Spawns the binary with the test paths plus `extra` flags, and returns the
 /// child with a shared buffer collecting its stderr.
 pub fn spawn(dir: &Path, extra: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    spawn_with_env(dir, extra, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Child, Arc<Mutex<Vec<String>>>) {
     let mut cmd = Command::new(binary());
     // Defaults for the test paths, unless the test sets its own.
     let given = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
@@ -71,8 +75,11 @@ pub fn spawn(dir: &Path, extra: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
     if !given("--db.path") {
         cmd.arg("--db.path").arg(dir.join("monitor.db"));
     }
-    cmd.arg("--web.listen-address=127.0.0.1:0")
-        .arg("--log.level=info")
+    if !given("--web.listen-address") {
+        cmd.arg("--web.listen-address=127.0.0.1:0");
+    }
+    cmd.arg("--log.level=info")
+        .envs(env.iter().copied())
         .args(extra)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -219,57 +226,21 @@ impl Drop for Exporter {
     }
 }
 
+/// A plain HTTP/1.1 request; returns status, lower-cased headers and body.
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, HashMap<String, String>, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("Content-Length: 0\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("http header end");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect::<HashMap<_, _>>();
-    let mut body = raw[split + 4..].to_vec();
-    if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
-        body = dechunk(&body);
-    }
-    (status, headers, body)
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
-        b = &b[nl + 2 + size + 2..];
-    }
+    let r = kissbot_testkit::http::request(addr, method, path, headers, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (r.status, r.headers, r.body)
 }
 
 /// Finds a series in an exposition and parses its value.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(series)?;
-        let v = rest.strip_prefix(' ')?;
-        v.trim().parse().ok()
-    })
+    kissbot_testkit::metrics::value(text, series)
 }
 
 /// Runs the binary with `args` (e.g. `send heartbeat ...`) and returns its

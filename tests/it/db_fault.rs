@@ -2,12 +2,10 @@
 //! `kissbot_exporter_db_up` to 0, counts errors, keeps rows queued (up to the
 //! queue's capacity, then counted drops) and catches up once the fault clears.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn usage(channel: &str, i: usize) -> String {
     format!(

@@ -2,12 +2,10 @@
 //! docs/configuration.md, every metric family of a real scrape is in
 //! docs/metrics.md, and the README stays an entry point.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap_or_else(|e| panic!("{path}: {e}"))

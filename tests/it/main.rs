@@ -1,0 +1,30 @@
+//! The integration tests, as one binary (as ripgrep does): every module runs
+//! the real `kissbot-exporter` binary against a real Unix socket, a real
+//! SQLite file in a temp dir and real HTTP, or checks the monitoring bundle
+//! with the real `promtool`, `prometheus` and `alertmanager`. Tests that need
+//! a tool or root print `SKIP:` where it is missing and fail instead under
+//! `CI` where CI provides it.
+
+mod bundle_support;
+mod common;
+
+mod bundle;
+mod bundle_e2e;
+mod client;
+mod crash;
+mod daemon;
+mod db_fault;
+mod docs;
+mod fuzz_corpus;
+mod golden;
+mod hostile;
+mod http_security;
+mod legacy_db;
+mod links;
+mod listen;
+mod pricing;
+mod process;
+mod property;
+mod soak;
+mod systemd;
+mod truth;
