@@ -223,11 +223,17 @@ impl Metrics {
         out
     }
 
-    /// [`Metrics::render`] appended to `out`, whose capacity is reused.
+    /// About how many bytes [`Metrics::render`] writes for `snapshot`:
+    /// measured at about 1.4 KB per bot and 1.4 KB per LLM series with its
+    /// histogram, plus the exporter's own families.
+    pub fn size_hint(snapshot: &Snapshot) -> usize {
+        64 * 1024 + 1500 * (snapshot.bots.len() + snapshot.llm.len())
+    }
+
+    /// [`Metrics::render`] appended to `out`.
     pub fn render_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
-        // Measured: about 1.4 KB per bot and 1.4 KB per LLM series with its
-        // histogram; reserving it up front saves the copies of a growing buffer.
-        out.reserve(64 * 1024 + 1500 * (snapshot.bots.len() + snapshot.llm.len()));
+        // Reserving it up front saves the copies of a growing buffer.
+        out.reserve(Metrics::size_hint(snapshot));
         // Encoding into a String cannot fail: the families come from our own
         // registry and empty ones are pruned by `gather`.
         let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), out);
