@@ -386,15 +386,28 @@ fn dashboards_are_well_formed() {
         let ds = var("datasource").unwrap_or_else(|| panic!("{name}: no datasource variable"));
         assert_eq!(ds["type"], "datasource", "{name}");
         assert_eq!(ds["query"], "prometheus", "{name}");
-        let channel = var("channel").unwrap_or_else(|| panic!("{name}: no channel variable"));
-        assert_eq!(channel["type"], "query", "{name}");
-        assert_eq!(
-            variable_query(channel).map(|q| q.replace(' ', "")).as_deref(),
-            Some("label_values(kissbot_bot_up,channel)"),
-            "{name}: channel variable query"
-        );
-        assert_eq!(channel["multi"], true, "{name}: channel is multi-value");
-        assert_eq!(channel["includeAll"], true, "{name}: channel includes All");
+        // job, then instance (which depends on job), then channel (which
+        // depends on both): Grafana resolves variables in this order.
+        let order: Vec<&str> = vars.iter().filter_map(|v| v["name"].as_str()).collect();
+        assert!(order.starts_with(&["datasource", "job", "instance", "channel"]), "{name}: variables {order:?}");
+        for (var_name, query) in [
+            ("job", "label_values(kissbot_exporter_build_info,job)"),
+            ("instance", r#"label_values(kissbot_exporter_build_info{job=~"$job"},instance)"#),
+            ("channel", r#"label_values(kissbot_bot_up{job=~"$job",instance=~"$instance"},channel)"#),
+        ] {
+            let v = var(var_name).unwrap_or_else(|| panic!("{name}: no {var_name} variable"));
+            assert_eq!(v["type"], "query", "{name}: {var_name}");
+            assert_eq!(
+                variable_query(v).map(|q| q.replace(' ', "")).as_deref(),
+                Some(query),
+                "{name}: {var_name} variable query"
+            );
+            assert_eq!(v["multi"], true, "{name}: {var_name} is multi-value");
+            assert_eq!(v["includeAll"], true, "{name}: {var_name} includes All");
+        }
+        // "All" jobs must mean the jobs found, not `.*`: `up` and `process_*`
+        // series of every other job would match a `.*`.
+        assert!(var("job").is_some_and(|v| v.get("allValue").is_none()), "{name}: job must have no allValue");
         for v in &vars {
             if v["type"] == "query" {
                 assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}: variable {}", v["name"]);
