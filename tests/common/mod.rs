@@ -71,8 +71,10 @@ pub fn spawn(dir: &Path, extra: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
     if !given("--db.path") {
         cmd.arg("--db.path").arg(dir.join("monitor.db"));
     }
-    cmd.arg("--web.listen-address=127.0.0.1:0")
-        .arg("--log.level=info")
+    if !given("--web.listen-address") {
+        cmd.arg("--web.listen-address=127.0.0.1:0");
+    }
+    cmd.arg("--log.level=info")
         .args(extra)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
