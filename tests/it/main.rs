@@ -7,6 +7,7 @@
 
 mod bundle_support;
 mod common;
+mod servers;
 
 mod bundle;
 mod bundle_e2e;
@@ -15,6 +16,7 @@ mod crash;
 mod daemon;
 mod db_fault;
 mod docs;
+mod fleet_e2e;
 mod fuzz_corpus;
 mod golden;
 mod hostile;
