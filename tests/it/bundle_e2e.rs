@@ -385,7 +385,7 @@ fn servers() -> Option<(PathBuf, PathBuf)> {
 }
 
 /// A loopback address with a port nothing listens on right now.
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
 }
 
@@ -397,7 +397,7 @@ fn replace_all(text: &str, from: &str, to: &str, file: &str) -> String {
 
 /// Polls `f` every 100 ms until it returns `Ok`, or panics with the last
 /// error after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+pub(crate) fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
@@ -409,7 +409,7 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, Strin
 }
 
 /// A plain HTTP/1.0 request (no keep-alive, no chunking); status and body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
@@ -425,7 +425,7 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body.to_owned()))
 }
 
-fn url_encode(s: &str) -> String {
+pub(crate) fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -436,7 +436,7 @@ fn url_encode(s: &str) -> String {
 
 /// A server process on a loopback port, killed on drop. Its log is kept and
 /// printed if the test fails.
-struct Server {
+pub(crate) struct Server {
     name: &'static str,
     addr: SocketAddr,
     child: Child,
@@ -445,7 +445,7 @@ struct Server {
 }
 
 impl Server {
-    fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, dir: tempfile::TempDir) -> Server {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, dir: tempfile::TempDir) -> Server {
         let shown = format!("{cmd:?}");
         let mut child = cmd
             .stdin(Stdio::null())
@@ -475,7 +475,7 @@ impl Server {
         server
     }
 
-    fn get_json(&self, path: &str) -> Result<Value, String> {
+    pub(crate) fn get_json(&self, path: &str) -> Result<Value, String> {
         let (status, body) = http(self.addr, "GET", path).map_err(|e| format!("{} GET {path}: {e}", self.name))?;
         if status != 200 {
             return Err(format!("{} GET {path}: HTTP {status}: {body}", self.name));

@@ -215,6 +215,9 @@ fn strange_strings_come_out_escaped_everywhere() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["bots"][0]["channel"], channel);
     assert_eq!(v["bots"][0]["features"]["<b>\"x\""], true);
+    // The row is written by the writer thread after the metrics count it;
+    // on a loaded machine that can take longer than the requests above.
+    wait_until("the llm_usage row", Duration::from_secs(15), || e.count("SELECT COUNT(*) FROM llm_usage") == 1);
     let (_, _, body) = e.get("/api/usage?group_by=model");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["groups"][0]["key"], model);

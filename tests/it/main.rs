@@ -15,6 +15,7 @@ mod crash;
 mod daemon;
 mod db_fault;
 mod docs;
+mod exemplars;
 mod fuzz_corpus;
 mod golden;
 mod hostile;
