@@ -16,6 +16,7 @@ mod crash;
 mod daemon;
 mod db_fault;
 mod docs;
+mod exemplars;
 mod fleet_e2e;
 mod fuzz_corpus;
 mod golden;
