@@ -15,6 +15,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use prometheus::Gauge as GaugeMetric;
 
 use crate::event::Reason;
+use crate::pricing::CostSource;
 use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
 
 /// Why a row was not written: the `reason` values of
@@ -419,13 +420,10 @@ fn render_llm(state: &Snapshot, out: &mut String) {
         })
         .collect();
     series.sort_by(|a, b| a.0.cmp(&b.0));
-    let families: [LlmFamily<'_>; 6] = [
+    let families: [LlmFamily<'_>; 5] = [
         ("kissbot_llm_requests_total", "LLM calls.", &|s| s.requests as f64),
         ("kissbot_llm_input_tokens_total", "LLM prompt tokens.", &|s| s.input_tokens as f64),
         ("kissbot_llm_output_tokens_total", "LLM completion tokens.", &|s| s.output_tokens as f64),
-        ("kissbot_llm_cost_usd_total", "LLM cost in USD: reported by the bot, else from the price table.", &|s| {
-            s.cost_usd
-        }),
         ("kissbot_llm_errors_total", "LLM calls the bot reported as failed.", &|s| s.errors as f64),
         ("kissbot_llm_cached_input_tokens_total", "LLM prompt tokens served from the provider's cache.", &|s| {
             s.cached_tokens as f64
@@ -439,6 +437,27 @@ fn render_llm(state: &Snapshot, out: &mut String) {
             }
         }
     }
+    if !series.is_empty() {
+        let name = "kissbot_llm_cost_usd_total";
+        header(
+            out,
+            name,
+            "LLM cost in USD by source: reported by the bot, a price table entry, or the fallback price for unknown models.",
+            "counter",
+        );
+        let mut labels = String::with_capacity(256);
+        for (base, s) in &series {
+            for (source, cost) in CostSource::LABELS.iter().zip(s.cost_usd) {
+                let Some(cost) = cost else { continue };
+                labels.clear();
+                labels.push_str(base);
+                labels.push_str(",cost_source=\"");
+                labels.push_str(source);
+                labels.push('"');
+                sample(out, name, &labels, cost);
+            }
+        }
+    }
     let mut unpriced: BTreeMap<&str, u64> = BTreeMap::new();
     for ((_, model, _), s) in &state.llm {
         if s.unpriced > 0 {
@@ -447,7 +466,12 @@ fn render_llm(state: &Snapshot, out: &mut String) {
     }
     if !unpriced.is_empty() {
         let name = "kissbot_llm_unpriced_requests_total";
-        header(out, name, "LLM calls that could not be priced, by model.", "counter");
+        header(
+            out,
+            name,
+            "LLM calls priced neither by the bot nor by a price table entry (fallback price or none), by model.",
+            "counter",
+        );
         for (model, n) in unpriced {
             sample(out, name, &format!("model=\"{}\"", escape(model)), n as f64);
         }

@@ -52,7 +52,7 @@ pub enum Row {
         latency_ms: Option<f64>,
         /// Cost in USD, if known.
         cost_usd: Option<f64>,
-        /// `reported`, `table` or `unpriced`.
+        /// `reported`, `table`, `fallback` (the default price) or `unpriced`.
         cost_source: &'static str,
         /// The sender's pid, if given.
         pid: Option<u32>,

@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 use tracing::{info, warn};
 
 use crate::event::{Event, LlmUsage, Reason, Rejection};
-use crate::pricing::{CostSource, PriceTable};
+use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
 use crate::row::{RestoredBot, Row};
 
@@ -179,9 +179,12 @@ pub struct LlmSeries {
     pub input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
-    /// USD, from reported costs or the price table.
-    pub cost_usd: f64,
-    /// Calls that could not be priced.
+    /// USD by where it came from, indexed like [`crate::pricing::CostSource::LABELS`]
+    /// (reported, table, fallback); `None` until a call of that source, so
+    /// only the sources a series has used are rendered.
+    pub cost_usd: [Option<f64>; 3],
+    /// Calls priced neither by the sender nor by a table entry, whether or
+    /// not the default price was applied.
     pub unpriced: u64,
     /// Calls the sender reported as failed.
     pub errors: u64,
@@ -564,10 +567,11 @@ impl State {
         series.requests += 1;
         series.input_tokens += u.tokens_in;
         series.output_tokens += u.tokens_out;
-        series.cost_usd += cost.unwrap_or(0.0);
-        if source == CostSource::Unpriced {
-            series.unpriced += 1;
-        }
+        // The cost_source label is a closed set of three, so a series key
+        // has at most three cost series, and the overflow key keeps them.
+        let slot = &mut series.cost_usd[source.label_index()];
+        *slot = Some(slot.unwrap_or(0.0) + cost.unwrap_or(0.0));
+        series.unpriced += u64::from(source.is_unpriced());
         series.errors += u64::from(u.error);
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
@@ -865,5 +869,37 @@ mod tests {
         // Histograms follow their series into `other`: one per series key.
         assert_eq!(s.latency.len(), 3);
         assert_eq!(s.latency[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
+    }
+
+    #[test]
+    fn cost_by_source_and_unpriced_calls() {
+        let mut s = state();
+        let usage = |model: &str, extra: &str| {
+            format!(
+                r#"{{"type":"llm_usage","channel":"x","model":"{model}","feature":"f","tokens_in":1000000,"tokens_out":0{extra}}}"#
+            )
+        };
+        send(&mut s, &usage("gpt-4", ""), 0.0);
+        send(&mut s, &usage("gpt-4", r#","cost_usd":0.5"#), 0.0);
+        send(&mut s, &usage("mystery-9000", ""), 0.0);
+        // The state allows two series: the third model folds into `other`
+        // and keeps its cost source.
+        send(&mut s, &usage("mystery-9001", ""), 0.0);
+        let series: HashMap<_, _> = s.llm_series().map(|(k, v)| (k.1.clone(), v.clone())).collect();
+        assert_eq!(series["gpt-4"].cost_usd, [Some(0.5), Some(30.0), None]);
+        assert_eq!(series["gpt-4"].unpriced, 0);
+        assert_eq!(series["mystery-9000"].cost_usd, [None, None, Some(1.0)], "the default price is a fallback");
+        assert_eq!(series["mystery-9000"].unpriced, 1, "a fallback price still counts as unpriced");
+        assert_eq!(series[OVERFLOW_LABEL].cost_usd, [None, None, Some(1.0)]);
+        assert_eq!(series[OVERFLOW_LABEL].unpriced, 1);
+        s.set_pricing(
+            PriceTable::parse("unknown_models = \"unpriced\"", std::path::Path::new("f"), Some(PriceTable::builtin()))
+                .unwrap(),
+        );
+        let rows = send(&mut s, &usage("mystery-9000", ""), 0.0);
+        assert!(matches!(rows.as_slice(), [Row::LlmUsage { cost_usd: None, cost_source: "unpriced", .. }]));
+        let series: HashMap<_, _> = s.llm_series().map(|(k, v)| (k.1.clone(), v.clone())).collect();
+        assert_eq!(series["mystery-9000"].cost_usd, [None, None, Some(1.0)], "no price adds nothing");
+        assert_eq!(series["mystery-9000"].unpriced, 2);
     }
 }

@@ -319,7 +319,12 @@ fn client_messages_land_in_metrics_and_database() {
     assert_eq!(v(&format!("kissbot_llm_output_tokens_total{labels}")), 87.0);
     assert_eq!(v(&format!("kissbot_llm_errors_total{labels}")), 1.0);
     assert_eq!(v(&format!("kissbot_llm_cached_input_tokens_total{labels}")), 40.0);
-    assert_eq!(v(r#"kissbot_llm_cost_usd_total{channel="rust_bot",model="house-model",feature="chat"}"#), 0.25);
+    assert_eq!(
+        v(
+            r#"kissbot_llm_cost_usd_total{channel="rust_bot",model="house-model",feature="chat",cost_source="reported"}"#
+        ),
+        0.25
+    );
     // Five messages, one connection: the client keeps it open.
     assert_eq!(v("kissbot_exporter_connections_total"), 1.0);
 
@@ -502,7 +507,12 @@ fn send_subcommand_end_to_end() {
     assert_eq!(v(r#"kissbot_bot_feature_enabled{channel="shell_bot",feature="translator"}"#), 0.0);
     let labels = r#"{channel="shell_bot",model="house-model",feature="chat"}"#;
     assert_eq!(v(&format!("kissbot_llm_requests_total{labels}")), 1.0);
-    assert_eq!(v(&format!("kissbot_llm_cost_usd_total{labels}")), 0.125);
+    assert_eq!(
+        v(
+            r#"kissbot_llm_cost_usd_total{channel="shell_bot",model="house-model",feature="chat",cost_source="reported"}"#
+        ),
+        0.125
+    );
     assert_eq!(family_sum(&m, "kissbot_exporter_messages_rejected_total"), 0.0);
     wait_until("the llm_usage row without a pid", Duration::from_secs(15), || {
         e.count("SELECT COUNT(*) FROM llm_usage WHERE channel = 'shell_bot' AND pid IS NULL AND tokens_in = 100") == 1

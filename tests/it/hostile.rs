@@ -215,9 +215,12 @@ fn strange_strings_come_out_escaped_everywhere() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["bots"][0]["channel"], channel);
     assert_eq!(v["bots"][0]["features"]["<b>\"x\""], true);
+    // The row reaches the database through the writer's queue, after the
+    // metrics have counted it: wait for it rather than race the writer.
+    wait_until("the usage row", Duration::from_secs(10), || e.count("SELECT COUNT(*) FROM llm_usage") == 1);
     let (_, _, body) = e.get("/api/usage?group_by=model");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["groups"][0]["key"], model);
+    assert_eq!(v["groups"][0]["key"], model, "{v}");
     probe(&e, 1);
 }
 
