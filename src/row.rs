@@ -62,6 +62,11 @@ pub enum Row {
         tokens_cached: u64,
         /// `ok` or `error`.
         status: &'static str,
+        /// Time to first token in milliseconds, if measured.
+        ttft_ms: Option<f64>,
+        /// Why a failed call failed (`timeout`, `rate_limit`, `auth`,
+        /// `server`, `client`, `other`); `None` for a call that succeeded.
+        error_type: Option<&'static str>,
     },
     /// One process sample for the legacy `bot_metrics` table.
     BotMetrics {

@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use prometheus::IntCounter;
 use tracing::{info, warn};
 
-use crate::event::{Event, LlmUsage, Reason, Rejection};
+use crate::event::{ErrorType, Event, LlmUsage, Reason, Rejection};
 use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
 use crate::row::{RestoredBot, Row};
 
-/// Upper bounds of the LLM latency histogram, in seconds: LLM calls take from
-/// tens of milliseconds (cached, small models) to minutes (long generations).
+/// Upper bounds of the LLM latency histograms (call duration and time to
+/// first token), in seconds: LLM calls take from tens of milliseconds
+/// (cached, small models) to minutes (long generations).
 pub const LATENCY_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
 
 /// A heartbeat updates `bot_status.last_seen` in the database at most this
@@ -186,8 +187,9 @@ pub struct LlmSeries {
     /// Calls priced neither by the sender nor by a table entry, whether or
     /// not the default price was applied.
     pub unpriced: u64,
-    /// Calls the sender reported as failed.
-    pub errors: u64,
+    /// Calls the sender reported as failed, by error type, indexed like
+    /// [`ErrorType::ALL`].
+    pub errors: [u64; ErrorType::ALL.len()],
     /// Input tokens served from cache (part of `input_tokens`).
     pub cached_tokens: u64,
     /// When the series last changed, for expiry.
@@ -223,6 +225,8 @@ pub struct Snapshot {
     pub llm: Vec<(LlmKey, LlmSeries)>,
     /// The latency histograms by (channel, model).
     pub latencies: Vec<((String, String), Latency)>,
+    /// The time-to-first-token histograms by (channel, model).
+    pub ttfts: Vec<((String, String), Latency)>,
 }
 
 /// Key of an LLM series.
@@ -266,6 +270,7 @@ pub struct State {
     bots: HashMap<String, Bot>,
     llm: HashMap<LlmKey, LlmSeries>,
     latency: HashMap<(String, String), Latency>,
+    ttft: HashMap<(String, String), Latency>,
     /// Rows produced off the ingest path (by the sampler), sent at the next tick.
     pending: Vec<Row>,
     /// Rate limit for the warning about too many features.
@@ -343,6 +348,7 @@ impl State {
             bots: HashMap::new(),
             llm: HashMap::new(),
             latency: HashMap::new(),
+            ttft: HashMap::new(),
             pending: Vec::new(),
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
         }
@@ -572,13 +578,19 @@ impl State {
         let slot = &mut series.cost_usd[source.label_index()];
         *slot = Some(slot.unwrap_or(0.0) + cost.unwrap_or(0.0));
         series.unpriced += u64::from(source.is_unpriced());
-        series.errors += u64::from(u.error);
+        if let Some(t) = u.error_type {
+            series.errors[t as usize] += 1;
+        }
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
         if let Some(ms) = u.latency_ms {
             // The histogram follows its series into `other`, so the two stay
             // consistent and latency keys never outnumber series keys.
-            self.latency.entry((key.0, key.1)).or_default().observe(ms / 1000.0);
+            self.latency.entry((key.0.clone(), key.1.clone())).or_default().observe(ms / 1000.0);
+        }
+        if let Some(ms) = u.ttft_ms {
+            // Same keys as the latency histogram, for the same reason.
+            self.ttft.entry((key.0, key.1)).or_default().observe(ms / 1000.0);
         }
         out.push(Row::LlmUsage {
             ts: now,
@@ -594,6 +606,8 @@ impl State {
             provider: u.provider,
             tokens_cached: u.tokens_cached,
             status: if u.error { "error" } else { "ok" },
+            ttft_ms: u.ttft_ms,
+            error_type: u.error_type.map(ErrorType::as_str),
         });
     }
 
@@ -649,6 +663,7 @@ impl State {
             let live: std::collections::HashSet<(&str, &str)> =
                 self.llm.keys().map(|(c, m, _)| (c.as_str(), m.as_str())).collect();
             self.latency.retain(|(c, m), _| live.contains(&(c.as_str(), m.as_str())));
+            self.ttft.retain(|(c, m), _| live.contains(&(c.as_str(), m.as_str())));
         }
     }
 
@@ -722,6 +737,7 @@ impl State {
             bots: self.bots.values().cloned().collect(),
             llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
             latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+            ttfts: self.ttft.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
         }
     }
 
@@ -860,7 +876,7 @@ mod tests {
         assert_eq!(s.overflow.channel.get(), 1);
         for m in ["m1", "m2", "m3", "m4"] {
             let line = format!(
-                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5}}"#
+                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5,"ttft_ms":2,"error_type":"timeout"}}"#
             );
             send(&mut s, &line, 0.0);
         }
@@ -869,6 +885,14 @@ mod tests {
         // Histograms follow their series into `other`: one per series key.
         assert_eq!(s.latency.len(), 3);
         assert_eq!(s.latency[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
+        assert_eq!(s.ttft.len(), 3, "so do time-to-first-token histograms");
+        assert_eq!(s.ttft[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
+        let other = s.llm_series().find(|(k, _)| k.0 == OVERFLOW_LABEL).unwrap().1;
+        assert_eq!(other.errors, [2, 0, 0, 0, 0, 0], "error types keep their label in `other`");
+        // Expired series take their histograms with them.
+        s.tick(7200.0, &mut Vec::new());
+        s.tick(7200.0 + 3601.0, &mut Vec::new());
+        assert_eq!((s.llm_series().count(), s.latency.len(), s.ttft.len()), (0, 0, 0));
     }
 
     #[test]

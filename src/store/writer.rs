@@ -320,11 +320,13 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     provider,
                     tokens_cached,
                     status,
+                    ttft_ms,
+                    error_type,
                 } => {
                     tx.prepare_cached(
                         "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
-                           cost_usd, cost_source, pid, provider, tokens_cached, status)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                           cost_usd, cost_source, pid, provider, tokens_cached, status, ttft_ms, error_type)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     )?
                     .execute(params![
                         format_time(*ts),
@@ -339,7 +341,9 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                         pid,
                         provider,
                         *tokens_cached as i64,
-                        status
+                        status,
+                        ttft_ms,
+                        error_type
                     ])?;
                 }
                 Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {

@@ -317,7 +317,10 @@ fn client_messages_land_in_metrics_and_database() {
     assert_eq!(v(&format!("kissbot_llm_requests_total{labels}")), 2.0);
     assert_eq!(v(&format!("kissbot_llm_input_tokens_total{labels}")), 245.0);
     assert_eq!(v(&format!("kissbot_llm_output_tokens_total{labels}")), 87.0);
-    assert_eq!(v(&format!("kissbot_llm_errors_total{labels}")), 1.0);
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="rust_bot",model="gpt-4",feature="jokes",error_type="other"}"#),
+        1.0
+    );
     assert_eq!(v(&format!("kissbot_llm_cached_input_tokens_total{labels}")), 40.0);
     assert_eq!(
         v(

@@ -16,6 +16,7 @@ mod daemon;
 mod db_fault;
 mod docs;
 mod fuzz_corpus;
+mod genai;
 mod golden;
 mod hostile;
 mod http_security;

@@ -91,8 +91,14 @@ fn cost_is_the_same_in_metrics_database_and_api() {
         !m.contains(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-large",feature="chat",cost_source="table"}"#)
     );
     assert!(!m.contains(r#"model="acme-small",feature="chat",cost_source="fallback""#));
-    assert_eq!(v(r#"kissbot_llm_errors_total{channel="c",model="mystery-model",feature="chat"}"#), 1.0);
-    assert_eq!(v(r#"kissbot_llm_errors_total{channel="a",model="acme-large",feature="cache"}"#), 0.0);
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="c",model="mystery-model",feature="chat",error_type="other"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="a",model="acme-large",feature="cache",error_type="other"}"#),
+        0.0
+    );
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_count{channel="a",model="vendor/ACME-large"}"#), 1.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="1"}"#), 0.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="2"}"#), 1.0);
