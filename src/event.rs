@@ -90,7 +90,8 @@ pub struct LlmUsage {
     /// Time to the first token in milliseconds, when the sender streamed the
     /// answer and measured it.
     pub ttft_ms: Option<f64>,
-    /// Why the call failed, when it failed and the sender said why.
+    /// Why the call failed: `Some` exactly when `error` is true, and
+    /// [`ErrorType::Other`] when the sender did not say why.
     pub error_type: Option<ErrorType>,
 }
 
