@@ -22,7 +22,8 @@ pub const MAX_TOKENS: u64 = 1_000_000_000;
 /// Largest cost accepted for one call, in USD.
 pub const MAX_COST_USD: f64 = 1_000_000.0;
 
-/// Longest latency accepted for one call: one day, in milliseconds.
+/// Longest latency (and time to first token) accepted for one call: one day,
+/// in milliseconds.
 pub const MAX_LATENCY_MS: f64 = 86_400_000.0;
 
 /// The longest `trace_id` accepted, in bytes. With the label name it stays
@@ -87,12 +88,70 @@ pub struct LlmUsage {
     pub provider: Option<String>,
     /// Input tokens served from the provider's cache (part of `tokens_in`).
     pub tokens_cached: u64,
-    /// True when the sender reported the call as failed (`"status": "error"`).
+    /// True when the sender reported the call as failed (`"status": "error"`,
+    /// or an `error_type` without a `status`).
     pub error: bool,
     /// The sender's trace id for the call, when given: at most
     /// [`MAX_TRACE_ID_BYTES`] of `[0-9A-Za-z_-]`. It becomes the exemplar of
     /// the call's latency bucket, linking the metric to the trace.
     pub trace_id: Option<String>,
+    /// Time to the first token in milliseconds, when the sender streamed the
+    /// answer and measured it.
+    pub ttft_ms: Option<f64>,
+    /// Why the call failed: `Some` exactly when `error` is true, and
+    /// [`ErrorType::Other`] when the sender did not say why.
+    pub error_type: Option<ErrorType>,
+}
+
+/// Why an LLM call failed: the closed set of `error_type` label values of
+/// `kissbot_llm_errors_total`. The wire field is free text; names outside
+/// the set are kept as [`ErrorType::Other`] so the label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    /// The call timed out.
+    Timeout,
+    /// The provider refused the call for a rate or quota limit.
+    RateLimit,
+    /// The credentials were refused.
+    Auth,
+    /// The provider failed (5xx).
+    Server,
+    /// The provider refused the request itself (4xx other than the above).
+    Client,
+    /// Anything else, and failed calls that do not say why.
+    Other,
+}
+
+impl ErrorType {
+    /// Every error type, in the order the metric lists them; the index of a
+    /// type in this array is `type as usize`.
+    pub const ALL: [ErrorType; 6] = [
+        ErrorType::Timeout,
+        ErrorType::RateLimit,
+        ErrorType::Auth,
+        ErrorType::Server,
+        ErrorType::Client,
+        ErrorType::Other,
+    ];
+
+    /// The label and database value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Timeout => "timeout",
+            ErrorType::RateLimit => "rate_limit",
+            ErrorType::Auth => "auth",
+            ErrorType::Server => "server",
+            ErrorType::Client => "client",
+            ErrorType::Other => "other",
+        }
+    }
+
+    /// Reads a wire value, case-insensitively; unknown names are `other`,
+    /// because a sender's own vocabulary must not grow the label set.
+    pub fn parse(s: &str) -> ErrorType {
+        let s = s.trim();
+        ErrorType::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(s)).unwrap_or(ErrorType::Other)
+    }
 }
 
 impl Event {
@@ -370,6 +429,9 @@ struct Raw<'a> {
     status: Option<Scalar<'a>>,
     #[serde(borrow)]
     trace_id: Option<Scalar<'a>>,
+    ttft_ms: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    error_type: Option<Scalar<'a>>,
 }
 
 /// Parses and validates one line (without its trailing newline).
@@ -435,8 +497,17 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                     format!("tokens_cached {tokens_cached} is more than tokens_in {tokens_in}"),
                 ));
             }
+            let ttft_ms = number(raw.ttft_ms.as_ref(), "ttft_ms", MAX_LATENCY_MS)?;
+            let error_type = match raw.error_type.as_ref() {
+                None | Some(Scalar::Null) => None,
+                Some(Scalar::Str(s)) if s.trim().is_empty() => None,
+                Some(Scalar::Str(s)) => Some(ErrorType::parse(s)),
+                Some(other) => return Err(wrong_type("error_type", "a string", other)),
+            };
             let error = match raw.status.as_ref() {
-                None | Some(Scalar::Null) => false,
+                // An error type says the call failed, as OpenTelemetry's
+                // `error.type` does, when the sender sends no status.
+                None | Some(Scalar::Null) => error_type.is_some(),
                 Some(Scalar::Str(s)) if s.eq_ignore_ascii_case("ok") => false,
                 Some(Scalar::Str(s)) if s.eq_ignore_ascii_case("error") => true,
                 Some(Scalar::Str(s)) => {
@@ -448,6 +519,9 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 Some(other) => return Err(wrong_type("status", "a string", other)),
             };
             let trace_id = trace_id(raw.trace_id.as_ref())?;
+            if error_type.is_some() && !error {
+                return Err(Rejection::new(Reason::InvalidValue, "error_type on a call with status \"ok\""));
+            }
             Ok(Event::LlmUsage(LlmUsage {
                 channel,
                 model,
@@ -462,6 +536,9 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 tokens_cached,
                 error,
                 trace_id,
+                ttft_ms,
+                // A failed call that does not say why is counted as `other`.
+                error_type: if error { Some(error_type.unwrap_or(ErrorType::Other)) } else { None },
             }))
         }
         other => Err(Rejection::new(Reason::UnknownType, format!("unknown message type {:?}", truncate(other, 64)))),
@@ -681,6 +758,35 @@ mod tests {
         let e = parse_line(br#"{"type":"llm_usage","channel":"a","model":"m","feature":"f","tokens_in":1,"tokens_out":2,"estimated_cost":0.5,"latency_ms":12.5}"#).unwrap();
         let Event::LlmUsage(u) = e else { panic!() };
         assert_eq!((u.reported_cost_usd, u.latency_ms), (Some(0.5), Some(12.5)));
+        assert_eq!((u.ttft_ms, u.error_type, u.error), (None, None, false));
+    }
+
+    #[test]
+    fn time_to_first_token_and_error_types() {
+        let usage = |rest: &str| {
+            let line = format!(
+                r#"{{"type":"llm_usage","channel":"a","model":"m","feature":"f","tokens_in":1,"tokens_out":1{rest}}}"#
+            );
+            let Event::LlmUsage(u) = parse_line(line.as_bytes()).unwrap() else { panic!("not usage") };
+            u
+        };
+        assert_eq!(usage(r#","ttft_ms":250"#).ttft_ms, Some(250.0));
+        assert_eq!(usage(r#","ttft_ms":12.5,"latency_ms":100"#).ttft_ms, Some(12.5));
+        assert_eq!(usage(r#","ttft_ms":null"#).ttft_ms, None);
+        let e = usage(r#","status":"error","error_type":"RATE_LIMIT""#);
+        assert_eq!((e.error, e.error_type), (true, Some(ErrorType::RateLimit)));
+        let e = usage(r#","status":"error","error_type":"quota_exceeded""#);
+        assert_eq!(e.error_type, Some(ErrorType::Other), "unknown names are other");
+        let e = usage(r#","status":"error""#);
+        assert_eq!(e.error_type, Some(ErrorType::Other), "a failed call without a type is other");
+        let e = usage(r#","error_type":"timeout""#);
+        assert_eq!((e.error, e.error_type), (true, Some(ErrorType::Timeout)), "a type without a status is an error");
+        let e = usage(r#","status":"ok","error_type":" ""#);
+        assert_eq!((e.error, e.error_type), (false, None), "a blank type is no type");
+        for t in ErrorType::ALL {
+            assert_eq!(ErrorType::parse(t.as_str()), t);
+            assert_eq!(ErrorType::ALL[t as usize], t);
+        }
     }
 
     #[test]
@@ -704,6 +810,22 @@ mod tests {
         assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"cost_usd":-1"#)), Reason::InvalidValue);
         assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"cost_usd":1e300"#)), Reason::InvalidValue);
         assert_eq!(reason(&usage(r#""tokens_in":1"#)), Reason::MissingField);
+        assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"ttft_ms":"fast""#)), Reason::InvalidField);
+        assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"ttft_ms":-1"#)), Reason::InvalidValue);
+        assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"ttft_ms":1e300"#)), Reason::InvalidValue);
+        assert_eq!(reason(&usage(r#""tokens_in":1,"tokens_out":1,"ttft_ms":86400001"#)), Reason::InvalidValue);
+        assert_eq!(
+            reason(&usage(r#""tokens_in":1,"tokens_out":1,"status":"error","error_type":429"#)),
+            Reason::InvalidField
+        );
+        assert_eq!(
+            reason(&usage(r#""tokens_in":1,"tokens_out":1,"status":"error","error_type":["x"]"#)),
+            Reason::InvalidField
+        );
+        assert_eq!(
+            reason(&usage(r#""tokens_in":1,"tokens_out":1,"status":"ok","error_type":"auth""#)),
+            Reason::InvalidValue
+        );
         assert_eq!(reason(r#"{"type":"register","channel":"a","pid":1,"features":{"x":1}}"#), Reason::InvalidField);
         assert_eq!(reason(r#"{"type":"register","channel":"a","pid":1,"features":"x"}"#), Reason::InvalidField);
         let long = "x".repeat(MAX_LABEL_BYTES + 1);

@@ -13,7 +13,8 @@ pub fn parse_line_properties(data: &[u8]) {
             assert!(u.tokens_in <= MAX_TOKENS && u.tokens_out <= MAX_TOKENS);
             assert!(u.tokens_cached <= u.tokens_in);
             assert!(u.model.len() <= MAX_LABEL_BYTES && u.feature.len() <= MAX_LABEL_BYTES);
-            for v in [u.latency_ms, u.reported_cost_usd].into_iter().flatten() {
+            assert_eq!(u.error, u.error_type.is_some());
+            for v in [u.latency_ms, u.ttft_ms, u.reported_cost_usd].into_iter().flatten() {
                 assert!(v.is_finite() && v >= 0.0);
             }
         }

@@ -14,7 +14,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use prometheus::Gauge as GaugeMetric;
 
-use crate::event::Reason;
+use crate::event::{ErrorType, Reason};
+use crate::pricing::CostSource;
 use crate::state::{ExemplarLabel, Latency, Snapshot, State, Status, LATENCY_BUCKETS};
 
 /// Why a row was not written: the `reason` values of
@@ -589,14 +590,10 @@ fn render_llm(state: &Snapshot, out: &mut Body<'_>) {
         })
         .collect();
     series.sort_by(|a, b| a.0.cmp(&b.0));
-    let families: [LlmFamily<'_>; 6] = [
+    let families: [LlmFamily<'_>; 4] = [
         ("kissbot_llm_requests_total", "LLM calls.", &|s| s.requests as f64),
         ("kissbot_llm_input_tokens_total", "LLM prompt tokens.", &|s| s.input_tokens as f64),
         ("kissbot_llm_output_tokens_total", "LLM completion tokens.", &|s| s.output_tokens as f64),
-        ("kissbot_llm_cost_usd_total", "LLM cost in USD: reported by the bot, else from the price table.", &|s| {
-            s.cost_usd
-        }),
-        ("kissbot_llm_errors_total", "LLM calls the bot reported as failed.", &|s| s.errors as f64),
         ("kissbot_llm_cached_input_tokens_total", "LLM prompt tokens served from the provider's cache.", &|s| {
             s.cached_tokens as f64
         }),
@@ -609,6 +606,50 @@ fn render_llm(state: &Snapshot, out: &mut Body<'_>) {
             }
         }
     }
+    if !series.is_empty() {
+        let name = "kissbot_llm_cost_usd_total";
+        header(
+            out,
+            name,
+            "LLM cost in USD by source: reported by the bot, a price table entry, or the fallback price for unknown models.",
+            "counter",
+        );
+        let mut labels = String::with_capacity(256);
+        for (base, s) in &series {
+            for (source, cost) in CostSource::LABELS.iter().zip(s.cost_usd) {
+                let Some(cost) = cost else { continue };
+                labels.clear();
+                labels.push_str(base);
+                labels.push_str(",cost_source=\"");
+                labels.push_str(source);
+                labels.push('"');
+                sample(out, name, &labels, cost);
+            }
+        }
+    }
+    if !series.is_empty() {
+        // Six error types for every series would multiply this family by
+        // six for fleets that rarely fail: `other` is there from a series'
+        // first call (0 until an error), so sums and ratios have data from
+        // the start, and each other type appears at its first error.
+        let name = "kissbot_llm_errors_total";
+        header(out, name, "LLM calls the bot reported as failed, by error type.", "counter");
+        let mut labels = String::with_capacity(256);
+        for (base, s) in &series {
+            for t in ErrorType::ALL {
+                let n = s.errors[t as usize];
+                if n == 0 && t != ErrorType::Other {
+                    continue;
+                }
+                labels.clear();
+                labels.push_str(base);
+                labels.push_str(",error_type=\"");
+                labels.push_str(t.as_str());
+                labels.push('"');
+                sample(out, name, &labels, n as f64);
+            }
+        }
+    }
     let mut unpriced: BTreeMap<&str, u64> = BTreeMap::new();
     for ((_, model, _), s) in &state.llm {
         if s.unpriced > 0 {
@@ -617,13 +658,33 @@ fn render_llm(state: &Snapshot, out: &mut Body<'_>) {
     }
     if !unpriced.is_empty() {
         let name = "kissbot_llm_unpriced_requests_total";
-        header(out, name, "LLM calls that could not be priced, by model.", "counter");
+        header(
+            out,
+            name,
+            "LLM calls priced neither by the bot nor by a price table entry (fallback price or none), by model.",
+            "counter",
+        );
         for (model, n) in unpriced {
             sample(out, name, &format!("model=\"{}\"", escape(model)), n as f64);
         }
     }
-    let mut hists: Vec<_> = state
-        .latencies
+    render_histograms(
+        out,
+        "kissbot_llm_request_duration_seconds",
+        "LLM call latency as reported by the bot.",
+        &state.latencies,
+    );
+    render_histograms(
+        out,
+        "kissbot_llm_time_to_first_token_seconds",
+        "Time to the first token of LLM calls, as reported by the bot.",
+        &state.ttfts,
+    );
+}
+
+/// Renders one histogram family of [`LATENCY_BUCKETS`] by (channel, model).
+fn render_histograms(out: &mut Body<'_>, name: &str, help: &str, histograms: &[((String, String), Latency)]) {
+    let mut hists: Vec<_> = histograms
         .iter()
         .map(|((c, m), h)| (format!("channel=\"{}\",model=\"{}\"", escape(c), escape(m)), h))
         .collect();
@@ -631,8 +692,7 @@ fn render_llm(state: &Snapshot, out: &mut Body<'_>) {
         return;
     }
     hists.sort_by(|a, b| a.0.cmp(&b.0));
-    let name = "kissbot_llm_request_duration_seconds";
-    header(out, name, "LLM call latency as reported by the bot.", "histogram");
+    header(out, name, help, "histogram");
     let (bucket, sum, count) = (format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count"));
     // The `le` labels are the same for every histogram: formatted once.
     let bounds: Vec<String> = LATENCY_BUCKETS.iter().map(|ub| format!(",le=\"{ub}\"")).collect();

@@ -5,8 +5,11 @@
 //! legacy prices plus current list prices, each entry citing its source),
 //! optionally preceded by a pricing file in the same format.
 //!
-//! Which cost counts: a cost the sender reported wins; otherwise the table;
-//! otherwise the call is *unpriced* and counted as such, never as a silent $0.
+//! Which cost counts: a cost the sender reported wins; otherwise the table's
+//! exact name or pattern; otherwise the default price for unknown models (the
+//! *fallback*); otherwise none. A call priced by neither the sender nor a
+//! table entry is counted as unpriced whether or not the fallback applied, so
+//! a guessed price is never mistaken for a known one.
 
 use std::path::{Path, PathBuf};
 
@@ -31,20 +34,47 @@ pub struct Price {
 pub enum CostSource {
     /// The sender reported the cost itself.
     Reported,
-    /// Computed from the price table.
+    /// Computed from an exact name or a pattern of the price table.
     Table,
-    /// Neither: the call is counted as unpriced, never as a silent $0.
+    /// Computed from the default price for models no entry names.
+    Fallback,
+    /// No price at all (`unknown_models = "unpriced"`): the call adds no
+    /// cost and is counted as unpriced, never as a silent $0.
     Unpriced,
 }
 
 impl CostSource {
+    /// The `cost_source` label values of `kissbot_llm_cost_usd_total`, in the
+    /// order of [`CostSource::label_index`].
+    pub const LABELS: [&'static str; 3] = ["reported", "table", "fallback"];
+
     /// The value stored in `llm_usage.cost_source`.
     pub fn as_str(self) -> &'static str {
         match self {
             CostSource::Reported => "reported",
             CostSource::Table => "table",
+            CostSource::Fallback => "fallback",
             CostSource::Unpriced => "unpriced",
         }
+    }
+
+    /// The index in [`CostSource::LABELS`] of the series the call's cost is
+    /// added to. A call with no price at all adds 0 to the `fallback`
+    /// series: the fallback policy is what left it without a price, and the
+    /// label set stays closed at three values.
+    pub fn label_index(self) -> usize {
+        match self {
+            CostSource::Reported => 0,
+            CostSource::Table => 1,
+            CostSource::Fallback | CostSource::Unpriced => 2,
+        }
+    }
+
+    /// Whether the call counts in `kissbot_llm_unpriced_requests_total`:
+    /// neither the sender nor a table entry priced it, whether or not the
+    /// default price was applied.
+    pub fn is_unpriced(self) -> bool {
+        matches!(self, CostSource::Fallback | CostSource::Unpriced)
     }
 }
 
@@ -255,7 +285,11 @@ impl PriceTable {
         if let Some(c) = reported {
             return (Some(c), CostSource::Reported);
         }
-        match self.lookup(model) {
+        let (price, source) = match self.table_price(model) {
+            Some(p) => (Some(p), CostSource::Table),
+            None => (self.default, CostSource::Fallback),
+        };
+        match price {
             Some(p) => {
                 let cached = tokens_cached.min(tokens_in);
                 let fresh = tokens_in - cached;
@@ -264,7 +298,7 @@ impl PriceTable {
                 let micro = fresh as f64 * p.input
                     + cached as f64 * p.cached_input.unwrap_or(p.input)
                     + tokens_out as f64 * p.output;
-                (Some(micro / 1e6), CostSource::Table)
+                (Some(micro / 1e6), source)
             }
             None => (None, CostSource::Unpriced),
         }
@@ -290,6 +324,8 @@ mod tests {
         assert!(close(t.cost("gpt-3.5-turbo", 1_000_000, 0, 1_000_000, None).0, 2.0));
         assert!(close(t.cost("mistral-7b-instruct", 1_000_000, 0, 1_000_000, None).0, 0.0));
         assert!(close(t.cost("some-new-model", 1_000_000, 0, 1_000_000, None).0, 3.0), "legacy default");
+        assert_eq!(t.cost("some-new-model", 1, 0, 1, None).1, CostSource::Fallback, "the default is no table entry");
+        assert_eq!(t.cost("gpt-4o-2024-08-06", 1, 0, 1, None).1, CostSource::Table, "a pattern is a table entry");
     }
 
     #[test]
@@ -345,6 +381,9 @@ mod tests {
     fn reported_cost_wins_and_unknown_models_can_be_unpriced() {
         let t = PriceTable::builtin();
         assert_eq!(t.cost("gpt-4", 1, 0, 1, Some(0.25)), (Some(0.25), CostSource::Reported));
+        assert!(!CostSource::Reported.is_unpriced() && !CostSource::Table.is_unpriced());
+        assert!(CostSource::Fallback.is_unpriced() && CostSource::Unpriced.is_unpriced());
+        assert_eq!(CostSource::LABELS[CostSource::Unpriced.label_index()], "fallback");
         let t =
             PriceTable::parse("unknown_models = \"unpriced\"", Path::new("f"), Some(PriceTable::builtin())).unwrap();
         assert_eq!(t.cost("mystery", 1, 0, 1, None), (None, CostSource::Unpriced));

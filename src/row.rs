@@ -55,7 +55,7 @@ pub enum Row {
         latency_ms: Option<f64>,
         /// Cost in USD, if known.
         cost_usd: Option<f64>,
-        /// `reported`, `table` or `unpriced`.
+        /// `reported`, `table`, `fallback` (the default price) or `unpriced`.
         cost_source: &'static str,
         /// The sender's pid, if given.
         pid: Option<u32>,
@@ -65,6 +65,11 @@ pub enum Row {
         tokens_cached: u64,
         /// `ok` or `error`.
         status: &'static str,
+        /// Time to first token in milliseconds, if measured.
+        ttft_ms: Option<f64>,
+        /// Why a failed call failed (`timeout`, `rate_limit`, `auth`,
+        /// `server`, `client`, `other`); `None` for a call that succeeded.
+        error_type: Option<&'static str>,
     },
     /// One process sample for the legacy `bot_metrics` table.
     BotMetrics {

@@ -94,6 +94,14 @@ pub struct SendArgs {
     #[arg(long)]
     pub failed: bool,
 
+    /// Time to the first token of the LLM call in milliseconds.
+    #[arg(long = "ttft-ms")]
+    pub ttft_ms: Option<f64>,
+
+    /// Why the LLM call failed (timeout, rate_limit, auth, server, client, other); implies --failed.
+    #[arg(long = "error-type")]
+    pub error_type: Option<String>,
+
     /// Path of the exporter's Unix socket.
     #[arg(long = "socket.path", env = "KISSBOT_EXPORTER_SOCKET_PATH", default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: PathBuf,
@@ -146,7 +154,9 @@ impl SendArgs {
                     cost_usd: self.cost_usd,
                     provider: self.provider.as_deref(),
                     tokens_cached: self.tokens_cached,
-                    failed: self.failed,
+                    failed: self.failed || self.error_type.is_some(),
+                    ttft_ms: self.ttft_ms,
+                    error_type: self.error_type.as_deref(),
                 })
             }
         };

@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use prometheus::IntCounter;
 use tracing::{info, warn};
 
-use crate::event::{Event, LlmUsage, Reason, Rejection};
-use crate::pricing::{CostSource, PriceTable};
+use crate::event::{ErrorType, Event, LlmUsage, Reason, Rejection};
+use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
 use crate::row::{RestoredBot, Row, UsageIds};
 
-/// Upper bounds of the LLM latency histogram, in seconds: LLM calls take from
-/// tens of milliseconds (cached, small models) to minutes (long generations).
+/// Upper bounds of the LLM latency histograms (call duration and time to
+/// first token), in seconds: LLM calls take from tens of milliseconds
+/// (cached, small models) to minutes (long generations).
 pub const LATENCY_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
 
 /// A heartbeat updates `bot_status.last_seen` in the database at most this
@@ -179,12 +180,16 @@ pub struct LlmSeries {
     pub input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
-    /// USD, from reported costs or the price table.
-    pub cost_usd: f64,
-    /// Calls that could not be priced.
+    /// USD by where it came from, indexed like [`crate::pricing::CostSource::LABELS`]
+    /// (reported, table, fallback); `None` until a call of that source, so
+    /// only the sources a series has used are rendered.
+    pub cost_usd: [Option<f64>; 3],
+    /// Calls priced neither by the sender nor by a table entry, whether or
+    /// not the default price was applied.
     pub unpriced: u64,
-    /// Calls the sender reported as failed.
-    pub errors: u64,
+    /// Calls the sender reported as failed, by error type, indexed like
+    /// [`ErrorType::ALL`].
+    pub errors: [u64; ErrorType::ALL.len()],
     /// Input tokens served from cache (part of `input_tokens`).
     pub cached_tokens: u64,
     /// When the series last changed, for expiry.
@@ -250,6 +255,8 @@ pub struct Snapshot {
     pub llm: Vec<(LlmKey, LlmSeries)>,
     /// The latency histograms by (channel, model).
     pub latencies: Vec<((String, String), Latency)>,
+    /// The time-to-first-token histograms by (channel, model).
+    pub ttfts: Vec<((String, String), Latency)>,
 }
 
 /// Key of an LLM series.
@@ -293,6 +300,7 @@ pub struct State {
     bots: HashMap<String, Bot>,
     llm: HashMap<LlmKey, LlmSeries>,
     latency: HashMap<(String, String), Latency>,
+    ttft: HashMap<(String, String), Latency>,
     /// Rows produced off the ingest path (by the sampler), sent at the next tick.
     pending: Vec<Row>,
     /// Rate limit for the warning about too many features.
@@ -372,6 +380,7 @@ impl State {
             bots: HashMap::new(),
             llm: HashMap::new(),
             latency: HashMap::new(),
+            ttft: HashMap::new(),
             pending: Vec::new(),
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
             usage_ids: None,
@@ -603,11 +612,14 @@ impl State {
         series.requests += 1;
         series.input_tokens += u.tokens_in;
         series.output_tokens += u.tokens_out;
-        series.cost_usd += cost.unwrap_or(0.0);
-        if source == CostSource::Unpriced {
-            series.unpriced += 1;
+        // The cost_source label is a closed set of three, so a series key
+        // has at most three cost series, and the overflow key keeps them.
+        let slot = &mut series.cost_usd[source.label_index()];
+        *slot = Some(slot.unwrap_or(0.0) + cost.unwrap_or(0.0));
+        series.unpriced += u64::from(source.is_unpriced());
+        if let Some(t) = u.error_type {
+            series.errors[t as usize] += 1;
         }
-        series.errors += u64::from(u.error);
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
         let id = self.usage_ids.as_ref().and_then(|ids| ids.take());
@@ -621,7 +633,11 @@ impl State {
             };
             // The histogram follows its series into `other`, so the two stay
             // consistent and latency keys never outnumber series keys.
-            self.latency.entry((key.0, key.1)).or_default().observe(ms / 1000.0, label, now);
+            self.latency.entry((key.0.clone(), key.1.clone())).or_default().observe(ms / 1000.0, label, now);
+        }
+        if let Some(ms) = u.ttft_ms {
+            // Same keys as the latency histogram, for the same reason.
+            self.ttft.entry((key.0, key.1)).or_default().observe(ms / 1000.0, None, now);
         }
         out.push(Row::LlmUsage {
             id,
@@ -638,6 +654,8 @@ impl State {
             provider: u.provider,
             tokens_cached: u.tokens_cached,
             status: if u.error { "error" } else { "ok" },
+            ttft_ms: u.ttft_ms,
+            error_type: u.error_type.map(ErrorType::as_str),
         });
     }
 
@@ -693,6 +711,7 @@ impl State {
             let live: std::collections::HashSet<(&str, &str)> =
                 self.llm.keys().map(|(c, m, _)| (c.as_str(), m.as_str())).collect();
             self.latency.retain(|(c, m), _| live.contains(&(c.as_str(), m.as_str())));
+            self.ttft.retain(|(c, m), _| live.contains(&(c.as_str(), m.as_str())));
         }
     }
 
@@ -766,6 +785,7 @@ impl State {
             bots: self.bots.values().cloned().collect(),
             llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
             latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+            ttfts: self.ttft.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
         }
     }
 
@@ -931,7 +951,7 @@ mod tests {
         assert_eq!(s.overflow.channel.get(), 1);
         for m in ["m1", "m2", "m3", "m4"] {
             let line = format!(
-                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5}}"#
+                r#"{{"type":"llm_usage","channel":"x","model":"{m}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5,"ttft_ms":2,"error_type":"timeout"}}"#
             );
             send(&mut s, &line, 0.0);
         }
@@ -940,5 +960,45 @@ mod tests {
         // Histograms follow their series into `other`: one per series key.
         assert_eq!(s.latency.len(), 3);
         assert_eq!(s.latency[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
+        assert_eq!(s.ttft.len(), 3, "so do time-to-first-token histograms");
+        assert_eq!(s.ttft[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
+        let other = s.llm_series().find(|(k, _)| k.0 == OVERFLOW_LABEL).unwrap().1;
+        assert_eq!(other.errors, [2, 0, 0, 0, 0, 0], "error types keep their label in `other`");
+        // Expired series take their histograms with them.
+        s.tick(7200.0, &mut Vec::new());
+        s.tick(7200.0 + 3601.0, &mut Vec::new());
+        assert_eq!((s.llm_series().count(), s.latency.len(), s.ttft.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn cost_by_source_and_unpriced_calls() {
+        let mut s = state();
+        let usage = |model: &str, extra: &str| {
+            format!(
+                r#"{{"type":"llm_usage","channel":"x","model":"{model}","feature":"f","tokens_in":1000000,"tokens_out":0{extra}}}"#
+            )
+        };
+        send(&mut s, &usage("gpt-4", ""), 0.0);
+        send(&mut s, &usage("gpt-4", r#","cost_usd":0.5"#), 0.0);
+        send(&mut s, &usage("mystery-9000", ""), 0.0);
+        // The state allows two series: the third model folds into `other`
+        // and keeps its cost source.
+        send(&mut s, &usage("mystery-9001", ""), 0.0);
+        let series: HashMap<_, _> = s.llm_series().map(|(k, v)| (k.1.clone(), v.clone())).collect();
+        assert_eq!(series["gpt-4"].cost_usd, [Some(0.5), Some(30.0), None]);
+        assert_eq!(series["gpt-4"].unpriced, 0);
+        assert_eq!(series["mystery-9000"].cost_usd, [None, None, Some(1.0)], "the default price is a fallback");
+        assert_eq!(series["mystery-9000"].unpriced, 1, "a fallback price still counts as unpriced");
+        assert_eq!(series[OVERFLOW_LABEL].cost_usd, [None, None, Some(1.0)]);
+        assert_eq!(series[OVERFLOW_LABEL].unpriced, 1);
+        s.set_pricing(
+            PriceTable::parse("unknown_models = \"unpriced\"", std::path::Path::new("f"), Some(PriceTable::builtin()))
+                .unwrap(),
+        );
+        let rows = send(&mut s, &usage("mystery-9000", ""), 0.0);
+        assert!(matches!(rows.as_slice(), [Row::LlmUsage { cost_usd: None, cost_source: "unpriced", .. }]));
+        let series: HashMap<_, _> = s.llm_series().map(|(k, v)| (k.1.clone(), v.clone())).collect();
+        assert_eq!(series["mystery-9000"].cost_usd, [None, None, Some(1.0)], "no price adds nothing");
+        assert_eq!(series["mystery-9000"].unpriced, 2);
     }
 }

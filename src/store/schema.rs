@@ -27,7 +27,10 @@ use crate::row::RestoredBot;
 /// - 0: a legacy file (the Python monitor or the bots' usage logger).
 /// - 1: columns for cost, provider, cache and status; time indexes on `ts` text.
 /// - 2: time indexes on the instant a `ts` means ([`TS_SECONDS`]), not its text.
-pub const SCHEMA_VERSION: i64 = 2;
+/// - 3: `llm_usage.ttft_ms` and `llm_usage.error_type`, both nullable. Adding
+///   them needs a new version because the migration runs only for files
+///   older than this build's.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The instant a row's `ts` stands for, in Unix seconds, as SQL over the
 /// column `ts`. Legacy files hold times as RFC 3339 text with any offset,
@@ -103,6 +106,8 @@ const COLUMNS: &[(&str, &[(&str, &str)])] = &[
             ("provider", "TEXT"),
             ("tokens_cached", "INTEGER"),
             ("status", "TEXT"),
+            ("ttft_ms", "REAL"),
+            ("error_type", "TEXT"),
         ],
     ),
 ];
@@ -118,7 +123,7 @@ CREATE TABLE IF NOT EXISTS llm_usage(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
     model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
     tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER,
-    provider TEXT, tokens_cached INTEGER, status TEXT);
+    provider TEXT, tokens_cached INTEGER, status TEXT, ttft_ms REAL, error_type TEXT);
 CREATE TABLE IF NOT EXISTS bot_events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
     pid INTEGER, event TEXT NOT NULL, detail TEXT);

@@ -421,12 +421,14 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     provider,
                     tokens_cached,
                     status,
+                    ttft_ms,
+                    error_type,
                 } => {
                     let insert = |id: Option<i64>| -> rusqlite::Result<usize> {
                         tx.prepare_cached(
                             "INSERT INTO llm_usage(id, ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
-                               cost_usd, cost_source, pid, provider, tokens_cached, status)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                               cost_usd, cost_source, pid, provider, tokens_cached, status, ttft_ms, error_type)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                         )?
                         .execute(params![
                             id,
@@ -442,7 +444,9 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                             pid,
                             provider,
                             *tokens_cached as i64,
-                            status
+                            status,
+                            ttft_ms,
+                            error_type
                         ])
                     };
                     match insert(*id) {
@@ -513,6 +517,8 @@ mod tests {
             provider: None,
             tokens_cached: 0,
             status: "ok",
+            ttft_ms: None,
+            error_type: None,
         }
     }
 

@@ -112,6 +112,7 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_llm_cached_input_tokens_total",
     "kissbot_llm_errors_total",
     "kissbot_llm_request_duration_seconds",
+    "kissbot_llm_time_to_first_token_seconds",
     "kissbot_llm_unpriced_requests_total",
     "kissbot_exporter_build_info",
     "kissbot_exporter_messages_total",

@@ -69,14 +69,15 @@ const HB_BOT: &str = "hb_bot";
 const HB_PID: u32 = 4_000_002;
 
 /// The LLM calls sent on every tick of the background thread: priced with
-/// cached tokens, failed, and unpriced; all with a latency.
+/// cached tokens and a time to first token, failed with an error type, and
+/// unpriced; all with a latency.
 fn llm_calls() -> [String; 3] {
     [
         format!(
-            r#"{{"type": "llm_usage", "channel": "{PY_BOT}", "model": "house-model", "feature": "chat", "tokens_in": 1200, "tokens_out": 300, "tokens_cached": 400, "latency_ms": 850, "provider": "acme", "status": "ok"}}"#
+            r#"{{"type": "llm_usage", "channel": "{PY_BOT}", "model": "house-model", "feature": "chat", "tokens_in": 1200, "tokens_out": 300, "tokens_cached": 400, "latency_ms": 850, "ttft_ms": 210, "provider": "acme", "status": "ok"}}"#
         ),
         format!(
-            r#"{{"type": "llm_usage", "channel": "{PY_BOT}", "model": "gpt-4o", "feature": "jokes", "tokens_in": 500, "tokens_out": 80, "latency_ms": 2300.5, "status": "error"}}"#
+            r#"{{"type": "llm_usage", "channel": "{PY_BOT}", "model": "gpt-4o", "feature": "jokes", "tokens_in": 500, "tokens_out": 80, "latency_ms": 2300.5, "status": "error", "error_type": "rate_limit"}}"#
         ),
         format!(
             r#"{{"type": "llm_usage", "channel": "{PY_BOT}", "model": "mystery-model", "feature": "summary", "tokens_in": 100, "tokens_out": 50, "latency_ms": 120}}"#
@@ -292,7 +293,10 @@ fn referenced_metrics_appear_in_a_real_scrape() {
     assert!(value(&format!("kissbot_bot_resident_memory_bytes{{{py}}}")) > 0.0);
     assert_eq!(value(&format!(r#"kissbot_bot_restarts_total{{channel="{HB_BOT}"}}"#)), 1.0);
     assert!(value(r#"kissbot_llm_unpriced_requests_total{model="mystery-model"}"#) >= 1.0);
-    assert!(value(&format!(r#"kissbot_llm_errors_total{{{py},model="gpt-4o",feature="jokes"}}"#)) >= 1.0);
+    assert!(
+        value(&format!(r#"kissbot_llm_errors_total{{{py},model="gpt-4o",feature="jokes",error_type="rate_limit"}}"#))
+            >= 1.0
+    );
     assert!(
         value(&format!(r#"kissbot_llm_cached_input_tokens_total{{{py},model="house-model",feature="chat"}}"#)) >= 400.0
     );

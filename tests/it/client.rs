@@ -62,6 +62,12 @@ fn unchecked_line(channel: &str, pid: Option<u32>, message: &Message<'_>) -> Str
             if call.failed {
                 o.insert("status".into(), "error".into());
             }
+            if let Some(ms) = call.ttft_ms {
+                o.insert("ttft_ms".into(), ms.into());
+            }
+            if let Some(error_type) = call.error_type {
+                o.insert("error_type".into(), error_type.into());
+            }
         }
     }
     Value::Object(o).to_string()
@@ -129,7 +135,14 @@ fn assert_client_agrees_with_parser(channel: &str, pid: Option<u32>, message: &M
             let provider = call.provider.filter(|p| !p.is_empty()).map(|p| truncate(p, MAX_LABEL_BYTES).to_owned());
             assert_eq!(u.provider, provider);
             assert_eq!(u.tokens_cached, call.tokens_cached.unwrap_or(0));
-            assert_eq!(u.error, call.failed);
+            assert!(close(u.ttft_ms, call.ttft_ms), "{:?} vs {:?}", u.ttft_ms, call.ttft_ms);
+            // An error type marks a call as failed by itself; a blank one is none.
+            let error_type = call.error_type.map(str::trim).filter(|t| !t.is_empty());
+            assert_eq!(u.error, call.failed || error_type.is_some());
+            let known = ["timeout", "rate_limit", "auth", "server", "client"];
+            let want = error_type.map(str::to_ascii_lowercase).filter(|t| known.contains(&t.as_str()));
+            let want = u.error.then(|| want.unwrap_or_else(|| "other".to_owned()));
+            assert_eq!(u.error_type.map(|t| t.as_str().to_owned()), want);
         }
         (m, e) => panic!("{m:?} read back as {e:?}"),
     }
@@ -212,6 +225,14 @@ fn client_refuses_exactly_what_the_exporter_rejects_at_every_limit() {
         LlmCall::new("m", "f", 10, 1).tokens_cached(11),
         LlmCall::new("m", "f", MAX_TOKENS + 1, 1).tokens_cached(MAX_TOKENS + 1),
         LlmCall::new("m", "f", 10, 1).failed(),
+        LlmCall::new("m", "f", 1, 1).ttft_ms(MAX_LATENCY_MS),
+        LlmCall::new("m", "f", 1, 1).ttft_ms(MAX_LATENCY_MS + 0.5),
+        LlmCall::new("m", "f", 1, 1).ttft_ms(-0.5),
+        LlmCall::new("m", "f", 1, 1).ttft_ms(12.5).latency_ms(-1.0),
+        LlmCall::new("m", "f", 10, 1).error_type("rate_limit"),
+        LlmCall::new("m", "f", 10, 1).error_type("quota_exceeded"),
+        LlmCall::new("m", "f", 10, 1).error_type(""),
+        LlmCall { error_type: Some("auth"), ..LlmCall::new("m", "f", 10, 1) },
     ];
     for call in calls {
         for pid in [None, Some(1), Some(0), Some(i32::MAX as u32 + 1)] {
@@ -270,6 +291,8 @@ proptest! {
                 provider: provider.as_deref(),
                 tokens_cached,
                 failed,
+                ttft_ms: latency_ms.map(|ms| ms / 2.0),
+                error_type: failed.then_some("timeout"),
             }),
         };
         // Only usage may go without a pid; the client refuses the others
@@ -317,9 +340,17 @@ fn client_messages_land_in_metrics_and_database() {
     assert_eq!(v(&format!("kissbot_llm_requests_total{labels}")), 2.0);
     assert_eq!(v(&format!("kissbot_llm_input_tokens_total{labels}")), 245.0);
     assert_eq!(v(&format!("kissbot_llm_output_tokens_total{labels}")), 87.0);
-    assert_eq!(v(&format!("kissbot_llm_errors_total{labels}")), 1.0);
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="rust_bot",model="gpt-4",feature="jokes",error_type="other"}"#),
+        1.0
+    );
     assert_eq!(v(&format!("kissbot_llm_cached_input_tokens_total{labels}")), 40.0);
-    assert_eq!(v(r#"kissbot_llm_cost_usd_total{channel="rust_bot",model="house-model",feature="chat"}"#), 0.25);
+    assert_eq!(
+        v(
+            r#"kissbot_llm_cost_usd_total{channel="rust_bot",model="house-model",feature="chat",cost_source="reported"}"#
+        ),
+        0.25
+    );
     // Five messages, one connection: the client keeps it open.
     assert_eq!(v("kissbot_exporter_connections_total"), 1.0);
 
@@ -492,6 +523,10 @@ fn send_subcommand_end_to_end() {
         "250",
         "--cost-usd",
         "0.125",
+        "--ttft-ms",
+        "120",
+        "--error-type",
+        "timeout",
     ]);
     assert!(status.success(), "{stderr}");
     e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
@@ -502,7 +537,17 @@ fn send_subcommand_end_to_end() {
     assert_eq!(v(r#"kissbot_bot_feature_enabled{channel="shell_bot",feature="translator"}"#), 0.0);
     let labels = r#"{channel="shell_bot",model="house-model",feature="chat"}"#;
     assert_eq!(v(&format!("kissbot_llm_requests_total{labels}")), 1.0);
-    assert_eq!(v(&format!("kissbot_llm_cost_usd_total{labels}")), 0.125);
+    assert_eq!(v(r#"kissbot_llm_time_to_first_token_seconds_count{channel="shell_bot",model="house-model"}"#), 1.0);
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="shell_bot",model="house-model",feature="chat",error_type="timeout"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"kissbot_llm_cost_usd_total{channel="shell_bot",model="house-model",feature="chat",cost_source="reported"}"#
+        ),
+        0.125
+    );
     assert_eq!(family_sum(&m, "kissbot_exporter_messages_rejected_total"), 0.0);
     wait_until("the llm_usage row without a pid", Duration::from_secs(15), || {
         e.count("SELECT COUNT(*) FROM llm_usage WHERE channel = 'shell_bot' AND pid IS NULL AND tokens_in = 100") == 1

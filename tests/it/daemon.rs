@@ -32,7 +32,7 @@ fn stock_client_messages_land_in_metrics_and_database() {
     assert_eq!(v(&format!("kissbot_llm_requests_total{labels}")), 1.0);
     assert_eq!(v(&format!("kissbot_llm_input_tokens_total{labels}")), 145.0);
     assert_eq!(v(&format!("kissbot_llm_output_tokens_total{labels}")), 87.0);
-    let cost = v(&format!("kissbot_llm_cost_usd_total{labels}"));
+    let cost = v(r#"kissbot_llm_cost_usd_total{channel="el_serda",model="gpt-4",feature="jokes",cost_source="table"}"#);
     assert!((cost - (145.0 * 30.0 + 87.0 * 60.0) / 1e6).abs() < 1e-12, "cost {cost}");
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_count{channel="el_serda",model="gpt-4"}"#), 1.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="el_serda",model="gpt-4",le="1"}"#), 0.0);

@@ -61,7 +61,7 @@ fn every_metric_family_is_documented_in_metrics_md() {
     // connection, so the sampler reads it and the process series appear.
     let pid = std::process::id();
     e.send(&format!(r#"{{"type": "register", "channel": "docs", "pid": {pid}, "features": {{"llm": true}}}}"#));
-    e.send(r#"{"type": "llm_usage", "channel": "docs", "model": "gpt-4", "feature": "f", "tokens_in": 1, "tokens_out": 1, "latency_ms": 5}"#);
+    e.send(r#"{"type": "llm_usage", "channel": "docs", "model": "gpt-4", "feature": "f", "tokens_in": 1, "tokens_out": 1, "latency_ms": 5, "ttft_ms": 2}"#);
     e.send(r#"{"type": "llm_usage", "channel": "docs", "model": "mystery-9000", "feature": "f", "tokens_in": 1, "tokens_out": 1}"#);
     wait_until("the process series", Duration::from_secs(15), || {
         e.scrape().contains("kissbot_bot_process_alive{") && e.scrape().contains("kissbot_llm_unpriced_requests_total{")

@@ -200,7 +200,7 @@ impl Traffic {
         let heartbeat = format!(r#"{{"type": "heartbeat", "channel": "{CHANNEL}", "pid": {pid}}}"#);
         let calls = [
             format!(
-                r#"{{"type": "llm_usage", "channel": "{CHANNEL}", "model": "house-model", "feature": "chat", "tokens_in": 1200, "tokens_out": 300, "tokens_cached": 400, "latency_ms": 850, "status": "ok"}}"#
+                r#"{{"type": "llm_usage", "channel": "{CHANNEL}", "model": "house-model", "feature": "chat", "tokens_in": 1200, "tokens_out": 300, "tokens_cached": 400, "latency_ms": 850, "ttft_ms": 210, "status": "ok"}}"#
             ),
             format!(
                 r#"{{"type": "llm_usage", "channel": "{CHANNEL}", "model": "gpt-4o", "feature": "jokes", "tokens_in": 500, "tokens_out": 80, "latency_ms": 2300.5, "status": "error"}}"#

@@ -39,7 +39,11 @@ fn render() -> String {
         ),
         (
             4.0,
-            r#"{"type": "llm_usage", "channel": "el_serda", "model": "gpt-4o-mini", "feature": "jokes", "tokens_in": 1000, "tokens_out": 10, "tokens_cached": 400, "status": "error", "latency_ms": 300.5, "cost_usd": 0.25}"#,
+            r#"{"type": "llm_usage", "channel": "el_serda", "model": "gpt-4o-mini", "feature": "jokes", "tokens_in": 1000, "tokens_out": 10, "tokens_cached": 400, "status": "error", "error_type": "rate_limit", "latency_ms": 300.5, "ttft_ms": 120, "cost_usd": 0.25}"#,
+        ),
+        (
+            5.0,
+            r#"{"type": "llm_usage", "channel": "el_serda", "model": "mystery-9000", "feature": "jokes", "tokens_in": 1000, "tokens_out": 500}"#,
         ),
         (30.0, r#"{"type": "heartbeat", "channel": "el_serda", "pid": 12345}"#),
         (40.0, r#"{"type": "unregister", "channel": "44456636", "pid": 222}"#),

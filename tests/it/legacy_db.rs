@@ -235,3 +235,44 @@ fn newer_schema_is_refused_without_touching_the_file() {
     let c = Connection::open(&path).unwrap();
     assert!(dump(&c, "SELECT name FROM sqlite_master WHERE name='llm_usage'").is_empty());
 }
+
+#[test]
+fn a_version_2_file_gains_the_time_to_first_token_and_error_type_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("monitor.db");
+    // The llm_usage table as schema version 2 created it.
+    let c = create(
+        &path,
+        "CREATE TABLE llm_usage(
+            id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, channel TEXT NOT NULL,
+            model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL,
+            tokens_out INTEGER NOT NULL, latency_ms REAL, cost_usd REAL, cost_source TEXT, pid INTEGER,
+            provider TEXT, tokens_cached INTEGER, status TEXT);
+         INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, cost_usd, cost_source, status)
+             VALUES ('2025-12-06T10:00:01.000001+00:00', 'el_serda', 'gpt-4', 'jokes', 10, 20, 0.5, 'reported', 'error');
+         PRAGMA user_version = 2;",
+    );
+    drop(c);
+    let mut e = Exporter::start_in(tmp.path(), KEEP);
+    e.send(
+        r#"{"type": "llm_usage", "channel": "el_serda", "model": "gpt-4", "feature": "jokes", "tokens_in": 1, "tokens_out": 1, "ttft_ms": 42, "status": "error", "error_type": "server"}"#,
+    );
+    e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
+    assert!(e.terminate().success());
+
+    let c = Connection::open(&path).unwrap();
+    let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, kissbot_exporter::testing::SCHEMA_VERSION);
+    let cols = columns(&c, "llm_usage");
+    assert!(cols.iter().any(|c| c == "ttft_ms") && cols.iter().any(|c| c == "error_type"), "{cols:?}");
+    assert_eq!(
+        dump(&c, "SELECT cost_source, status, ttft_ms, error_type FROM llm_usage ORDER BY id"),
+        ["'reported'|'error'|NULL|NULL", "'table'|'error'|42.0|'server'"],
+        "the old row is kept as it was, the new one has both fields"
+    );
+    let backups = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().starts_with("monitor.db.v2-"))
+        .count();
+    assert_eq!(backups, 1, "a backup before the schema change");
+}

@@ -19,6 +19,7 @@ mod docs;
 mod exemplars;
 mod fleet_e2e;
 mod fuzz_corpus;
+mod genai;
 mod golden;
 mod hostile;
 mod http_security;

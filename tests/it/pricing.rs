@@ -61,18 +61,44 @@ fn cost_is_the_same_in_metrics_database_and_api() {
     e.wait_metric(r#"kissbot_exporter_messages_rejected_total{reason="invalid_value"}"#, 3.0);
     let m = e.scrape();
     let v = |s: &str| metric_value(&m, s).unwrap_or_else(|| panic!("{s} missing\n{m}"));
-    assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="a",model="vendor/ACME-large",feature="chat"}"#), 6.0));
-    assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="a",model="acme-large",feature="cache"}"#), 5.4));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="a",model="vendor/ACME-large",feature="chat",cost_source="table"}"#),
+        6.0
+    ));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="a",model="acme-large",feature="cache",cost_source="table"}"#),
+        5.4
+    ));
     assert!(close(
         v(r#"kissbot_llm_cached_input_tokens_total{channel="a",model="acme-large",feature="cache"}"#),
         400000.0
     ));
-    assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-small",feature="chat"}"#), 2.0));
-    assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-large",feature="chat"}"#), 0.75));
-    assert!(close(v(r#"kissbot_llm_cost_usd_total{channel="c",model="mystery-model",feature="chat"}"#), 0.0));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-small",feature="chat",cost_source="table"}"#),
+        2.0
+    ));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-large",feature="chat",cost_source="reported"}"#),
+        0.75
+    ));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="c",model="mystery-model",feature="chat",cost_source="fallback"}"#),
+        0.0
+    ));
     assert_eq!(v(r#"kissbot_llm_unpriced_requests_total{model="mystery-model"}"#), 1.0);
-    assert_eq!(v(r#"kissbot_llm_errors_total{channel="c",model="mystery-model",feature="chat"}"#), 1.0);
-    assert_eq!(v(r#"kissbot_llm_errors_total{channel="a",model="acme-large",feature="cache"}"#), 0.0);
+    // One series per source a key has used, and no other.
+    assert!(
+        !m.contains(r#"kissbot_llm_cost_usd_total{channel="b",model="acme-large",feature="chat",cost_source="table"}"#)
+    );
+    assert!(!m.contains(r#"model="acme-small",feature="chat",cost_source="fallback""#));
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="c",model="mystery-model",feature="chat",error_type="other"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"kissbot_llm_errors_total{channel="a",model="acme-large",feature="cache",error_type="other"}"#),
+        0.0
+    );
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_count{channel="a",model="vendor/ACME-large"}"#), 1.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="1"}"#), 0.0);
     assert_eq!(v(r#"kissbot_llm_request_duration_seconds_bucket{channel="a",model="vendor/ACME-large",le="2"}"#), 1.0);
@@ -129,13 +155,47 @@ fn cost_is_the_same_in_metrics_database_and_api() {
 }
 
 #[test]
+fn default_pricing_labels_an_unknown_model_as_fallback_and_counts_it_unpriced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Exporter::start_in(tmp.path(), &[]);
+    e.send(&usage("a", "mystery-9000", "chat", ""));
+    e.send(&usage("a", "gpt-4", "chat", ""));
+    e.send(&usage("a", "gpt-4", "chat", r#", "cost_usd": 0.25"#));
+    e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 3.0);
+    let m = e.scrape();
+    let v = |s: &str| metric_value(&m, s).unwrap_or_else(|| panic!("{s} missing\n{m}"));
+    // The builtin default price: 1 USD per 1M input and 2 USD per 1M output tokens.
+    assert_eq!(v(r#"kissbot_llm_unpriced_requests_total{model="mystery-9000"}"#), 1.0);
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="a",model="mystery-9000",feature="chat",cost_source="fallback"}"#),
+        3.0
+    ));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="a",model="gpt-4",feature="chat",cost_source="table"}"#),
+        90.0
+    ));
+    assert!(close(
+        v(r#"kissbot_llm_cost_usd_total{channel="a",model="gpt-4",feature="chat",cost_source="reported"}"#),
+        0.25
+    ));
+    assert!(
+        metric_value(&m, r#"kissbot_llm_unpriced_requests_total{model="gpt-4"}"#).is_none(),
+        "a table price is no guess"
+    );
+    wait_until("three usage rows", Duration::from_secs(10), || e.count("SELECT COUNT(*) FROM llm_usage") == 3);
+    let source: String =
+        e.db().query_row("SELECT cost_source FROM llm_usage WHERE model = 'mystery-9000'", [], |r| r.get(0)).unwrap();
+    assert_eq!(source, "fallback");
+}
+
+#[test]
 fn sighup_reload_applies_new_prices_and_refuses_a_broken_file() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("prices.toml");
     let price = |p: f64| format!("[[model]]\nname = \"acme\"\ninput = {p}\noutput = 0.0\n");
     std::fs::write(&file, price(1.0)).unwrap();
     let e = Exporter::start_in(tmp.path(), &[&format!("--pricing.file={}", file.display())]);
-    let series = r#"kissbot_llm_cost_usd_total{channel="a",model="acme",feature="f"}"#;
+    let series = r#"kissbot_llm_cost_usd_total{channel="a",model="acme",feature="f",cost_source="table"}"#;
     let line = usage("a", "acme", "f", "");
     e.send(&line);
     e.wait_metric(series, 1.0);
@@ -168,7 +228,7 @@ fn post_reload_works_when_the_lifecycle_api_is_enabled() {
     let (status, _, _) = e.request("POST", "/-/reload", &[]);
     assert_eq!(status, 200);
     e.send(&usage("a", "acme", "f", ""));
-    e.wait_metric(r#"kissbot_llm_cost_usd_total{channel="a",model="acme",feature="f"}"#, 3.0);
+    e.wait_metric(r#"kissbot_llm_cost_usd_total{channel="a",model="acme",feature="f",cost_source="table"}"#, 3.0);
     std::fs::write(&file, "not toml at all [").unwrap();
     let (status, _, body) = e.request("POST", "/-/reload", &[]);
     assert_eq!(status, 500);

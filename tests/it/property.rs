@@ -183,6 +183,8 @@ fn event(op: &Op) -> Option<Event> {
             tokens_cached: 0,
             error: false,
             trace_id: None,
+            ttft_ms: None,
+            error_type: None,
         }),
         Op::Advance(_) => return None,
     })
@@ -245,8 +247,12 @@ fn expected(m: &Model) -> HashMap<String, f64> {
         e.insert(format!("kissbot_llm_requests_total{l}"), *n as f64);
         e.insert(format!("kissbot_llm_input_tokens_total{l}"), *tin as f64);
         e.insert(format!("kissbot_llm_output_tokens_total{l}"), *n as f64);
-        e.insert(format!("kissbot_llm_errors_total{l}"), 0.0);
+        let errors = format!("{{channel=\"{ch}\",model=\"{model}\",feature=\"f\",error_type=\"other\"}}");
+        e.insert(format!("kissbot_llm_errors_total{errors}"), 0.0);
         e.insert(format!("kissbot_llm_cached_input_tokens_total{l}"), 0.0);
+        // No model of the reference is in the price table: every call is
+        // priced at the fallback and counted as unpriced.
+        *e.entry(format!("kissbot_llm_unpriced_requests_total{{model=\"{model}\"}}")).or_insert(0.0) += *n as f64;
     }
     e
 }

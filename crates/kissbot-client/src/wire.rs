@@ -65,6 +65,13 @@ pub struct LlmCall<'a> {
     pub tokens_cached: Option<u64>,
     /// True when the call failed; it is then counted as an error.
     pub failed: bool,
+    /// Time to the first token of a streamed answer, in milliseconds, if
+    /// measured.
+    pub ttft_ms: Option<f64>,
+    /// Why the call failed: `timeout`, `rate_limit`, `auth`, `server`,
+    /// `client` or `other` (the exporter counts any other name as `other`).
+    /// Sent as `error_type`, which marks the call as failed by itself.
+    pub error_type: Option<&'a str>,
 }
 
 impl<'a> LlmCall<'a> {
@@ -87,6 +94,8 @@ impl<'a> LlmCall<'a> {
             provider: None,
             tokens_cached: None,
             failed: false,
+            ttft_ms: None,
+            error_type: None,
         }
     }
 
@@ -149,6 +158,33 @@ impl<'a> LlmCall<'a> {
         self.failed = true;
         self
     }
+
+    /// Sets the time to the first token in milliseconds.
+    ///
+    /// ```
+    /// use kissbot_client::LlmCall;
+    ///
+    /// assert_eq!(LlmCall::new("m", "f", 1, 1).ttft_ms(380.5).ttft_ms, Some(380.5));
+    /// ```
+    pub fn ttft_ms(mut self, ms: f64) -> LlmCall<'a> {
+        self.ttft_ms = Some(ms);
+        self
+    }
+
+    /// Marks the call as failed and says why (`timeout`, `rate_limit`,
+    /// `auth`, `server`, `client`, `other`).
+    ///
+    /// ```
+    /// use kissbot_client::LlmCall;
+    ///
+    /// let call = LlmCall::new("m", "f", 100, 0).error_type("rate_limit");
+    /// assert_eq!((call.failed, call.error_type), (true, Some("rate_limit")));
+    /// ```
+    pub fn error_type(mut self, error_type: &'a str) -> LlmCall<'a> {
+        self.failed = true;
+        self.error_type = Some(error_type);
+        self
+    }
 }
 
 /// One message of the protocol, for
@@ -209,7 +245,7 @@ pub(crate) fn encode(channel: &str, pid: Option<u32>, message: &Message<'_>) -> 
     if let Message::LlmUsage(call) = message {
         // JSON has no NaN or infinity (serde_json would write null and the
         // value would vanish without a trace).
-        for (name, value) in [("latency_ms", call.latency_ms), ("cost_usd", call.cost_usd)] {
+        for (name, value) in [("latency_ms", call.latency_ms), ("cost_usd", call.cost_usd), ("ttft_ms", call.ttft_ms)] {
             if value.is_some_and(|v| !v.is_finite()) {
                 return Err(invalid(format!("{name} is not a finite number")));
             }
@@ -278,6 +314,10 @@ fn check(channel: &str, pid: Option<u32>, message: &Message<'_>) -> Result<(), R
             ));
         }
     }
+    check_number(call.ttft_ms, "ttft_ms", MAX_LATENCY_MS)?;
+    // An error type without "status": "error" is taken by the exporter as
+    // a failed call; the encoder never writes "status": "ok", so it cannot
+    // send the contradiction the exporter refuses.
     Ok(())
 }
 
@@ -349,6 +389,12 @@ fn write_line(buf: &mut Vec<u8>, channel: &str, pid: Option<u32>, message: &Mess
             }
             if call.failed {
                 map.serialize_entry("status", "error")?;
+            }
+            if let Some(ms) = call.ttft_ms {
+                map.serialize_entry("ttft_ms", &Number(ms))?;
+            }
+            if let Some(error_type) = call.error_type {
+                map.serialize_entry("error_type", error_type)?;
             }
         }
     }
@@ -467,6 +513,11 @@ mod tests {
         assert_eq!(
             line("a", Some(7), Message::LlmUsage(call)),
             r#"{"type": "llm_usage", "channel": "a", "model": "m", "feature": "f", "tokens_in": 10, "tokens_out": 2, "pid": 7, "provider": "openai", "tokens_cached": 4, "status": "error"}"#
+        );
+        let call = LlmCall::new("m", "f", 10, 2).ttft_ms(120.0).error_type("timeout");
+        assert_eq!(
+            line("a", None, Message::LlmUsage(call)),
+            r#"{"type": "llm_usage", "channel": "a", "model": "m", "feature": "f", "tokens_in": 10, "tokens_out": 2, "status": "error", "ttft_ms": 120, "error_type": "timeout"}"#
         );
         assert_eq!(
             line("a", Some(7), Message::Register { features: &[] }),
