@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use prometheus::IntCounter;
 use tracing::{info, warn};
 
+use crate::budget::{BudgetLine, Budgets, SpendTracker};
 use crate::event::{Event, LlmUsage, Reason, Rejection};
 use crate::pricing::{CostSource, PriceTable};
 use crate::ratelimit::RateLimitedLog;
@@ -220,6 +221,8 @@ pub struct Snapshot {
     pub llm: Vec<(LlmKey, LlmSeries)>,
     /// The latency histograms by (channel, model).
     pub latencies: Vec<((String, String), Latency)>,
+    /// The bots with a budget and their spend; empty without `--budgets.file`.
+    pub budgets: Vec<BudgetLine>,
 }
 
 /// Key of an LLM series.
@@ -267,6 +270,8 @@ pub struct State {
     pending: Vec<Row>,
     /// Rate limit for the warning about too many features.
     features_log: RateLimitedLog,
+    /// Budgets and spend per bot, with `--budgets.file` only.
+    budgets: Option<SpendTracker>,
 }
 
 fn features_json(features: &[(String, bool)]) -> String {
@@ -342,6 +347,7 @@ impl State {
             latency: HashMap::new(),
             pending: Vec::new(),
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
+            budgets: None,
         }
     }
 
@@ -571,6 +577,10 @@ impl State {
         series.errors += u64::from(u.error);
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
+        if let Some(b) = self.budgets.as_mut() {
+            let bots = &self.bots;
+            b.add(&u.channel, cost.unwrap_or(0.0), now, |c| bots.contains_key(c));
+        }
         if let Some(ms) = u.latency_ms {
             // The histogram follows its series into `other`, so the two stay
             // consistent and latency keys never outnumber series keys.
@@ -597,6 +607,10 @@ impl State {
     /// and forgets bots and series past their expiry.
     pub fn tick(&mut self, now: f64, out: &mut Vec<Row>) {
         out.append(&mut self.pending);
+        if let Some(b) = self.budgets.as_mut() {
+            let bots = &self.bots;
+            b.roll(now, |c| bots.contains_key(c));
+        }
         let stale_after = self.config.stale_after;
         let expiry = self.config.expiry;
         let mut expired = Vec::new();
@@ -718,6 +732,27 @@ impl State {
             bots: self.bots.values().cloned().collect(),
             llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
             latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+            budgets: self.budget_lines(),
+        }
+    }
+
+    /// The bots with a budget and their spend, sorted by channel; empty
+    /// without `--budgets.file`.
+    pub fn budget_lines(&self) -> Vec<BudgetLine> {
+        self.budgets.as_ref().map(|b| b.lines(self.bots.keys().map(String::as_str))).unwrap_or_default()
+    }
+
+    /// Starts tracking budgets (at start, with the spend read from the
+    /// database).
+    pub fn set_spend_tracker(&mut self, tracker: SpendTracker) {
+        self.budgets = Some(tracker);
+    }
+
+    /// Replaces the budgets (on reload); the spend counted so far stays.
+    /// Without a tracker (no `--budgets.file` at start) it does nothing.
+    pub fn set_budgets(&mut self, budgets: Budgets) {
+        if let Some(b) = self.budgets.as_mut() {
+            b.set_budgets(budgets);
         }
     }
 

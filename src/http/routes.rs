@@ -1,5 +1,5 @@
 //! What each path answers: `/metrics`, `/`, `/health*`, `/api/bots`,
-//! `/api/usage` and `/-/reload`.
+//! `/api/usage`, `/api/budgets` and `/-/reload`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::landing::{bot_rows, landing_page};
 use super::App;
+use crate::budget::{BudgetLine, Period, WILDCARD};
 use crate::clock::{format_time, parse_time, unix_now};
 use crate::state::State;
 use crate::store::usage::{self, UsageError, UsageGroup, UsageQuery};
@@ -100,6 +101,23 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
             }
         }
         "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
+        "/api/budgets" => {
+            // Up to one line per bot plus the file's entries: like the bots
+            // list, built off the runtime's workers and within the memory
+            // budget of large responses.
+            if app.scrapes.over_budget(0) {
+                return busy("budgets");
+            }
+            let state = app.state.clone();
+            let build = move || {
+                let lines = state.lock().unwrap_or_else(|e| e.into_inner()).budget_lines();
+                budgets_json(&lines, unix_now()).to_string()
+            };
+            match tokio::task::spawn_blocking(build).await {
+                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -295,6 +313,37 @@ fn health(app: &App) -> Response<Full<Bytes>> {
         }
     });
     json_response(if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// `/api/budgets`: per bot with a budget, the budget, spend and remaining
+/// USD of each period the budget sets, and when that period began.
+fn budgets_json(lines: &[BudgetLine], now: f64) -> serde_json::Value {
+    let bots: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            let mut bot = serde_json::Map::new();
+            bot.insert("channel".into(), json!(l.channel));
+            bot.insert("budget_from".into(), json!(if l.explicit { l.channel.as_str() } else { WILDCARD }));
+            for period in Period::ALL {
+                let value = match l.budget.of(period) {
+                    Some(budget) => {
+                        let spend = l.spend.of(period);
+                        json!({
+                            "since": format_time(period.start(now)),
+                            "budget_usd": budget,
+                            "spend_usd": spend,
+                            "remaining_usd": (budget - spend).max(0.0),
+                            "used_ratio": spend / budget,
+                        })
+                    }
+                    None => serde_json::Value::Null,
+                };
+                bot.insert(period.as_str().into(), value);
+            }
+            serde_json::Value::Object(bot)
+        })
+        .collect();
+    json!({ "budgets": bots })
 }
 
 fn bots_json(state: &Mutex<State>) -> serde_json::Value {

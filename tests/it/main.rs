@@ -8,6 +8,7 @@
 mod bundle_support;
 mod common;
 
+mod budgets;
 mod bundle;
 mod bundle_e2e;
 mod client;
