@@ -344,6 +344,16 @@ impl SpendTracker {
         self.recount();
     }
 
+    /// The spend of a channel, if it is kept: a channel with an entry of
+    /// its own or within the bound counts from 0 once it has a budget.
+    pub fn spend(&self, channel: &str) -> Option<Spend> {
+        match self.spend.get(channel) {
+            Some(s) => Some(*s),
+            None if self.budgets.of(channel).is_some() => Some(Spend::default()),
+            None => None,
+        }
+    }
+
     /// The budgets in force.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets

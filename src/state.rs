@@ -98,6 +98,8 @@ pub struct ProcessInfo {
     pub alive: bool,
     /// CPU seconds (user + system) of the current process.
     pub cpu_seconds: f64,
+    /// CPU percent between the last two samples (100 is one core).
+    pub cpu_percent: f64,
     /// Resident memory in bytes.
     pub rss_bytes: u64,
     /// Virtual memory in bytes.
@@ -687,7 +689,14 @@ impl State {
                     Some("pid reused by another process")
                 }
                 SampleResult::Alive { cpu_seconds, cpu_pct, rss_bytes, vms_bytes, start_time } => {
-                    bot.process = Some(ProcessInfo { alive: true, cpu_seconds, rss_bytes, vms_bytes, start_time });
+                    bot.process = Some(ProcessInfo {
+                        alive: true,
+                        cpu_seconds,
+                        cpu_percent: cpu_pct,
+                        rss_bytes,
+                        vms_bytes,
+                        start_time,
+                    });
                     self.pending.push(Row::BotMetrics {
                         ts: now,
                         channel: bot.channel.clone(),
@@ -703,9 +712,16 @@ impl State {
             if let Some(why) = gone {
                 if let Some(p) = bot.process.as_mut() {
                     p.alive = false;
+                    p.cpu_percent = 0.0;
                 } else {
-                    bot.process =
-                        Some(ProcessInfo { alive: false, cpu_seconds: 0.0, rss_bytes: 0, vms_bytes: 0, start_time: 0 });
+                    bot.process = Some(ProcessInfo {
+                        alive: false,
+                        cpu_seconds: 0.0,
+                        cpu_percent: 0.0,
+                        rss_bytes: 0,
+                        vms_bytes: 0,
+                        start_time: 0,
+                    });
                 }
                 bot.set_status(Status::Dead, now);
                 warn!(channel = %bot.channel, pid = bot.pid, reason = why, "bot dead: process gone");
@@ -733,6 +749,16 @@ impl State {
             llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
             latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
             budgets: self.budget_lines(),
+        }
+    }
+
+    /// What a channel spent today (UTC) and its daily budget; `None` for
+    /// what is not known (no `--budgets.file`, no daily budget, or a channel
+    /// beyond the tracker's bound).
+    pub fn spend_today(&self, channel: &str) -> (Option<f64>, Option<f64>) {
+        match &self.budgets {
+            Some(b) => (b.spend(channel).map(|s| s.day_usd), b.budgets().of(channel).and_then(|b| b.daily_usd)),
+            None => (None, None),
         }
     }
 

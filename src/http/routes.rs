@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tracing::warn;
 
-use super::landing::{bot_rows, landing_page};
+use super::landing::{bot_views, filter_of, landing_page};
 use super::App;
 use crate::budget::{BudgetLine, Period, WILDCARD};
 use crate::clock::{format_time, parse_time, unix_now};
@@ -65,7 +65,8 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
             }
             let state = app.state.clone();
             let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
-            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
+            let filter = filter_of(req.uri().query().unwrap_or(""));
+            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path, &filter)).await {
                 Ok(html) => {
                     response(StatusCode::OK, "text/html; charset=utf-8", app.scrapes.account(html.into_bytes()))
                 }
@@ -348,20 +349,36 @@ fn budgets_json(lines: &[BudgetLine], now: f64) -> serde_json::Value {
 
 fn bots_json(state: &Mutex<State>) -> serde_json::Value {
     let now = unix_now();
-    let bots: Vec<_> = bot_rows(state)
+    let bots: Vec<_> = bot_views(state)
         .into_iter()
-        .map(|b| {
+        .map(|v| {
+            let b = &v.bot;
             let features: serde_json::Map<_, _> = b.features.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            // Absent until the sampler has looked at the process; never for
+            // a pid the exporter cannot see (another pid namespace).
+            let process = b.process.map(|p| {
+                json!({
+                    "alive": p.alive,
+                    "cpu_seconds": State::cpu_seconds_total(b),
+                    "cpu_percent": p.cpu_percent,
+                    "rss_bytes": p.rss_bytes,
+                })
+            });
             json!({
                 "channel": b.channel,
                 "pid": b.pid,
                 "status": b.status.as_str(),
+                "status_since": format_time(b.status_since),
+                "status_age_seconds": (now - b.status_since).max(0.0),
                 "features": features,
                 "registered_at": format_time(b.registered_at),
                 "last_heartbeat": format_time(b.last_heartbeat),
                 "heartbeat_age_seconds": (now - b.last_heartbeat).max(0.0),
                 "heartbeats": b.heartbeats,
                 "restarts": b.restarts,
+                "process": process,
+                "spend_today_usd": v.spend_today,
+                "budget_today_usd": v.budget_today,
             })
         })
         .collect();

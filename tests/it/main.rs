@@ -20,6 +20,7 @@ mod fuzz_corpus;
 mod golden;
 mod hostile;
 mod http_security;
+mod landing;
 mod legacy_db;
 mod links;
 mod listen;
