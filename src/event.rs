@@ -25,6 +25,10 @@ pub const MAX_COST_USD: f64 = 1_000_000.0;
 /// Longest latency accepted for one call: one day, in milliseconds.
 pub const MAX_LATENCY_MS: f64 = 86_400_000.0;
 
+/// The longest `trace_id` accepted, in bytes. With the label name it stays
+/// well inside the 128 characters OpenMetrics allows an exemplar's labels.
+pub const MAX_TRACE_ID_BYTES: usize = 64;
+
 /// Largest process id accepted (Linux caps pid_max at 2^22).
 pub const MAX_PID: i64 = i32::MAX as i64;
 
@@ -85,6 +89,10 @@ pub struct LlmUsage {
     pub tokens_cached: u64,
     /// True when the sender reported the call as failed (`"status": "error"`).
     pub error: bool,
+    /// The sender's trace id for the call, when given: at most
+    /// [`MAX_TRACE_ID_BYTES`] of `[0-9A-Za-z_-]`. It becomes the exemplar of
+    /// the call's latency bucket, linking the metric to the trace.
+    pub trace_id: Option<String>,
 }
 
 impl Event {
@@ -360,6 +368,8 @@ struct Raw<'a> {
     tokens_cached: Option<Scalar<'a>>,
     #[serde(borrow)]
     status: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    trace_id: Option<Scalar<'a>>,
 }
 
 /// Parses and validates one line (without its trailing newline).
@@ -437,6 +447,7 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 }
                 Some(other) => return Err(wrong_type("status", "a string", other)),
             };
+            let trace_id = trace_id(raw.trace_id.as_ref())?;
             Ok(Event::LlmUsage(LlmUsage {
                 channel,
                 model,
@@ -450,9 +461,38 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
                 provider,
                 tokens_cached,
                 error,
+                trace_id,
             }))
         }
         other => Err(Rejection::new(Reason::UnknownType, format!("unknown message type {:?}", truncate(other, 64)))),
+    }
+}
+
+/// Validates `trace_id`. It is checked rather than cut or escaped: it ends
+/// up in an exemplar's label set, which OpenMetrics limits to 128 characters,
+/// and a trace id that was altered would name no trace at all.
+fn trace_id(v: Option<&Scalar<'_>>) -> Result<Option<String>, Rejection> {
+    match v {
+        // An empty id is no id, as with `provider`: a sender without a
+        // trace in scope may well send the field empty.
+        None | Some(Scalar::Null) => Ok(None),
+        Some(Scalar::Str(s)) if s.is_empty() => Ok(None),
+        Some(Scalar::Str(s)) => {
+            if s.len() > MAX_TRACE_ID_BYTES {
+                return Err(Rejection::new(
+                    Reason::InvalidValue,
+                    format!("trace_id of {} bytes is longer than {MAX_TRACE_ID_BYTES}", s.len()),
+                ));
+            }
+            if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(Rejection::new(
+                    Reason::InvalidValue,
+                    format!("trace_id {:?} has characters outside [0-9A-Za-z_-]", truncate(s, 32)),
+                ));
+            }
+            Ok(Some(s.to_string()))
+        }
+        Some(other) => Err(wrong_type("trace_id", "a string", other)),
     }
 }
 
@@ -606,6 +646,30 @@ mod tests {
         assert_eq!((u.tokens_in, u.tokens_out, u.latency_ms, u.pid), (145, 87, Some(1850.0), None));
         let e = parse_line(br#"{"type": "llm_usage", "channel": "44456636", "model": "gpt-3.5-turbo", "feature": "gen_long", "tokens_in": 153, "tokens_out": 178}"#).unwrap();
         assert_eq!(e.channel(), "44456636");
+    }
+
+    #[test]
+    fn trace_ids() {
+        let trace = |v: &str| {
+            let line = format!(
+                r#"{{"type":"llm_usage","channel":"a","model":"m","feature":"f","tokens_in":1,"tokens_out":1,"trace_id":{v}}}"#
+            );
+            parse_line(line.as_bytes()).map(|e| match e {
+                Event::LlmUsage(u) => u.trace_id,
+                _ => panic!("not usage"),
+            })
+        };
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace(&format!("\"{id}\"")).unwrap().as_deref(), Some(id));
+        assert_eq!(trace("\"a_B-9\"").unwrap().as_deref(), Some("a_B-9"));
+        assert_eq!(trace("\"\"").unwrap(), None);
+        assert_eq!(trace("null").unwrap(), None);
+        assert_eq!(trace(&format!("\"{}\"", "a".repeat(64))).unwrap().map(|t| t.len()), Some(64));
+        assert_eq!(trace(&format!("\"{}\"", "a".repeat(65))).unwrap_err().reason, Reason::InvalidValue);
+        for bad in ["\"a b\"", "\"a\\\"b\"", "\"a.b\"", "\"\u{e9}\"", "\"a}\""] {
+            assert_eq!(trace(bad).unwrap_err().reason, Reason::InvalidValue, "{bad}");
+        }
+        assert_eq!(trace("12").unwrap_err().reason, Reason::InvalidField);
     }
 
     #[test]

@@ -286,9 +286,11 @@ async fn start_inner(
     };
     info!(path = %config.db_path.display(), "opening database");
     let ws = writer_status.clone();
+    let usage_ids = Arc::new(row::UsageIds::new());
+    let ids = usage_ids.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("kissbot-open".into()).spawn(move || {
-        let _ = done_tx.send(store::start(store_config, writer_metrics, ws));
+        let _ = done_tx.send(store::start(store_config, writer_metrics, ws, ids));
     })?;
     let (sink, restored, writer) = done_rx.await.map_err(|_| Error::WriterGone)??;
 
@@ -308,6 +310,7 @@ async fn start_inner(
             features: metrics.label_overflow.with_label_values(&["features"]),
         },
     );
+    state.set_usage_ids(usage_ids);
     let known = restored.len();
     let n = state.restore(restored, clock::unix_now());
     info!(restored = n, in_database = known, "restored bots from the database");

@@ -16,7 +16,7 @@ use prometheus::Gauge as GaugeMetric;
 
 use crate::budget::{BudgetLine, Period};
 use crate::event::Reason;
-use crate::state::{Snapshot, State, Status, LATENCY_BUCKETS};
+use crate::state::{ExemplarLabel, Latency, Snapshot, State, Status, LATENCY_BUCKETS};
 
 /// Why a row was not written: the `reason` values of
 /// `kissbot_exporter_events_dropped_total`.
@@ -238,8 +238,138 @@ impl Metrics {
         // Encoding into a String cannot fail: the families come from our own
         // registry and empty ones are pruned by `gather`.
         let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), out);
-        render_state(snapshot, now, out);
+        render_state(snapshot, now, &mut Body { text: out, format: Format::Text });
     }
+
+    /// Renders `format`, appended to `out`: [`Metrics::render_into`] for the
+    /// text format, [`Metrics::render_openmetrics_into`] for OpenMetrics.
+    pub fn render_format_into(&self, format: Format, snapshot: &Snapshot, now: f64, out: &mut String) {
+        match format {
+            Format::Text => self.render_into(snapshot, now, out),
+            Format::OpenMetrics => self.render_openmetrics_into(snapshot, now, out),
+        }
+    }
+
+    /// Renders every metric in OpenMetrics 1.0, appended to `out`: the same
+    /// families and samples as the text format, with counters' family names
+    /// without `_total`, an exemplar on the latency bucket of each
+    /// histogram's latest named call, and the closing `# EOF`.
+    pub fn render_openmetrics_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
+        out.reserve(Metrics::size_hint(snapshot));
+        let mut body = Body { text: out, format: Format::OpenMetrics };
+        // The prometheus crate encodes only the text format and protobuf.
+        encode_openmetrics(&self.registry.gather(), &mut body);
+        render_state(snapshot, now, &mut body);
+        body.push_str("# EOF\n");
+    }
+}
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4.
+    Text,
+    /// OpenMetrics 1.0: the text format with exemplars.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// The format a scraper's `Accept` header asks for, honouring q-values:
+    /// OpenMetrics when `application/openmetrics-text` is acceptable at
+    /// least as much as the text format (`text/plain`, `text/*` or `*/*`),
+    /// the text format otherwise — and always without the header.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else { return Format::Text };
+        let (mut open_metrics, mut text) = (0.0f64, 0.0f64);
+        for item in accept.split(',') {
+            let mut parts = item.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("q").then(|| v.trim().parse::<f64>().ok()).flatten()
+                })
+                .next()
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+}
+
+/// The buffer a render writes to, and the format it writes. The text and
+/// OpenMetrics renders share every line but the counters' `# HELP` and
+/// `# TYPE` lines, the exemplars and the end; those few places look at
+/// `format`, everything else writes to the string it derefs to.
+struct Body<'a> {
+    text: &'a mut String,
+    format: Format,
+}
+
+impl std::ops::Deref for Body<'_> {
+    type Target = String;
+
+    fn deref(&self) -> &String {
+        self.text
+    }
+}
+
+impl std::ops::DerefMut for Body<'_> {
+    fn deref_mut(&mut self) -> &mut String {
+        self.text
+    }
+}
+
+/// Encodes the registry's families in OpenMetrics. They are counters and
+/// gauges only, the process collector's too; the exporter registers no
+/// histogram or summary, and a unit test keeps it so.
+fn encode_openmetrics(families: &[prometheus::proto::MetricFamily], out: &mut Body<'_>) {
+    use prometheus::proto::MetricType;
+    let mut labels = String::new();
+    for mf in families {
+        let name = mf.name();
+        let kind = match mf.get_field_type() {
+            MetricType::COUNTER => "counter",
+            MetricType::GAUGE => "gauge",
+            _ => continue,
+        };
+        header(out, name, &escape_help(mf.help()), kind);
+        for m in mf.get_metric() {
+            labels.clear();
+            for (i, l) in m.get_label().iter().enumerate() {
+                if i > 0 {
+                    labels.push(',');
+                }
+                let _ = write!(labels, "{}=\"{}\"", l.name(), escape(l.value()));
+            }
+            let v = if kind == "counter" { m.get_counter().get_value() } else { m.get_gauge().get_value() };
+            sample(out, name, &labels, v);
+        }
+    }
+}
+
+/// Escapes a `# HELP` text for OpenMetrics: backslash, newline, quote.
+fn escape_help(s: &str) -> Cow<'_, str> {
+    if !s.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\""))
 }
 
 /// Escapes a label value for the text format: backslash, quote, newline.
@@ -277,12 +407,18 @@ fn value(out: &mut String, v: f64) {
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+fn header(out: &mut Body<'_>, name: &str, help: &str, kind: &str) {
+    // OpenMetrics names a counter family without the `_total` its samples
+    // carry.
+    let name = match out.format {
+        Format::OpenMetrics if kind == "counter" => name.strip_suffix("_total").unwrap_or(name),
+        _ => name,
+    };
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// One sample line: `name{labels} value`, labels already escaped.
-fn sample(out: &mut String, name: &str, labels: &str, v: f64) {
+fn sample(out: &mut Body<'_>, name: &str, labels: &str, v: f64) {
     out.push_str(name);
     if !labels.is_empty() {
         out.push('{');
@@ -291,6 +427,34 @@ fn sample(out: &mut String, name: &str, labels: &str, v: f64) {
     }
     out.push(' ');
     value(out, v);
+    out.push('\n');
+}
+
+/// Appends the exemplar of `h` to the bucket line just written, if that is
+/// the bucket of its latest named call and the format is OpenMetrics:
+/// ` # {llm_usage_id="42"} 1.85 1796000000.5`. The label set stays within
+/// the 128 characters OpenMetrics allows: an id has at most 19 digits, a
+/// trace id at most [`crate::event::MAX_TRACE_ID_BYTES`] characters that need no escaping.
+fn exemplar(out: &mut Body<'_>, h: &Latency, bucket: usize) {
+    let Some(e) = h.exemplar.as_ref().filter(|e| e.bucket == bucket) else { return };
+    if out.format != Format::OpenMetrics {
+        return;
+    }
+    out.pop();
+    match &e.label {
+        ExemplarLabel::UsageId(id) => {
+            out.push_str(" # {llm_usage_id=\"");
+            out.push_str(itoa::Buffer::new().format(*id));
+        }
+        ExemplarLabel::TraceId(t) => {
+            out.push_str(" # {trace_id=\"");
+            out.push_str(t);
+        }
+    }
+    out.push_str("\"} ");
+    value(out, e.value);
+    out.push(' ');
+    value(out, e.timestamp);
     out.push('\n');
 }
 
@@ -310,7 +474,7 @@ type LlmFamily<'a> = (&'a str, &'a str, &'a dyn Fn(&crate::state::LlmSeries) -> 
 /// allocator holding the tree's memory; writing text directly from one pass
 /// over the state is several times faster. Series are sorted by label so
 /// the output is stable.
-fn render_state(state: &Snapshot, now: f64, out: &mut String) {
+fn render_state(state: &Snapshot, now: f64, out: &mut Body<'_>) {
     let mut bots: Vec<_> = state.bots.iter().map(|b| (escape(&b.channel), b)).collect();
     bots.sort_by(|a, b| a.0.cmp(&b.0));
     let per_bot: [BotFamily<'_>; 8] = [
@@ -420,7 +584,7 @@ fn render_state(state: &Snapshot, now: f64, out: &mut String) {
 
 /// The budget and spend gauges of the bots with a budget: one series per
 /// (channel, period) the budget sets. Nothing without `--budgets.file`.
-fn render_budgets(state: &Snapshot, out: &mut String) {
+fn render_budgets(state: &Snapshot, out: &mut Body<'_>) {
     type Get = fn(&BudgetLine, Period) -> Option<f64>;
     let families: [(&str, &str, Get); 2] = [
         (
@@ -452,7 +616,7 @@ fn render_budgets(state: &Snapshot, out: &mut String) {
     }
 }
 
-fn render_llm(state: &Snapshot, out: &mut String) {
+fn render_llm(state: &Snapshot, out: &mut Body<'_>) {
     let mut series: Vec<_> = state
         .llm
         .iter()
@@ -511,17 +675,19 @@ fn render_llm(state: &Snapshot, out: &mut String) {
     let mut labels = String::with_capacity(256);
     for (base, h) in &hists {
         let mut cumulative = 0;
-        for (le, n) in bounds.iter().zip(h.buckets.iter()) {
+        for (i, (le, n)) in bounds.iter().zip(h.buckets.iter()).enumerate() {
             cumulative += n;
             labels.clear();
             labels.push_str(base);
             labels.push_str(le);
             sample(out, &bucket, &labels, cumulative as f64);
+            exemplar(out, h, i);
         }
         labels.clear();
         labels.push_str(base);
         labels.push_str(",le=\"+Inf\"");
         sample(out, &bucket, &labels, h.count as f64);
+        exemplar(out, h, LATENCY_BUCKETS.len());
         sample(out, &sum, base, h.sum);
         sample(out, &count, base, h.count as f64);
     }
@@ -530,6 +696,77 @@ fn render_llm(state: &Snapshot, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Exemplar, Latency};
+
+    #[test]
+    fn negotiates_openmetrics_by_q_value() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("application/openmetrics-text")), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("text/plain, Application/OpenMetrics-Text")), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("text/plain;q=0.5,application/openmetrics-text;q=0.5")), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("application/openmetrics-text;q=0.5,text/plain")), Format::Text);
+        assert_eq!(Format::negotiate(Some("application/openmetrics-text;q=0, */*")), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(Some("")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+    }
+
+    #[test]
+    fn openmetrics_rendering() {
+        let m = Metrics::new().unwrap();
+        let mut latency = Latency::default();
+        latency.buckets[4] = 2;
+        latency.buckets[LATENCY_BUCKETS.len()] = 1;
+        latency.sum = 401.5;
+        latency.count = 3;
+        latency.exemplar =
+            Some(Exemplar { bucket: 4, label: ExemplarLabel::UsageId(42), value: 0.75, timestamp: 1796000000.5 });
+        let mut snapshot =
+            Snapshot { latencies: vec![(("a".into(), "m".into()), latency.clone())], ..Snapshot::default() };
+        let mut om = String::new();
+        m.render_openmetrics_into(&snapshot, 0.0, &mut om);
+        assert!(om.ends_with("\nkissbot_exporter_bots 0\n# EOF\n"), "{om}");
+        assert!(om.contains(
+            "\nkissbot_llm_request_duration_seconds_bucket{channel=\"a\",model=\"m\",le=\"1\"} 2 # {llm_usage_id=\"42\"} 0.75 1796000000.5\n"
+        ));
+        assert_eq!(om.matches(" # {").count(), 1, "{om}");
+        assert!(om.contains("# TYPE kissbot_exporter_messages_rejected counter\n"));
+        assert!(om.contains("\nkissbot_exporter_messages_rejected_total{reason=\"invalid_json\"} 0\n"));
+        let mut text = String::new();
+        m.render_into(&snapshot, 0.0, &mut text);
+        assert!(!text.contains(" # {") && !text.contains("# EOF"));
+        // The same families and samples, but for the exemplar and the names
+        // of counter families (the process's own figures change between
+        // the two renders).
+        let strip = |body: &str| -> Vec<String> {
+            body.lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+                .map(|l| l.split(" # ").next().unwrap_or(l).to_owned())
+                .collect()
+        };
+        assert_eq!(strip(&om), strip(&text));
+        // A trace id names the call instead; on the +Inf bucket too.
+        latency.exemplar = Some(Exemplar {
+            bucket: LATENCY_BUCKETS.len(),
+            label: ExemplarLabel::TraceId("t-1".into()),
+            value: 400.0,
+            timestamp: 1.0,
+        });
+        snapshot.latencies[0].1 = latency;
+        om.clear();
+        m.render_openmetrics_into(&snapshot, 0.0, &mut om);
+        assert!(om.contains("le=\"+Inf\"} 3 # {trace_id=\"t-1\"} 400 1\n"), "{om}");
+    }
+
+    #[test]
+    fn the_registry_holds_only_counters_and_gauges() {
+        // `encode_openmetrics` writes no other kind.
+        use prometheus::proto::MetricType;
+        for mf in Metrics::new().unwrap().registry.gather() {
+            assert!(matches!(mf.get_field_type(), MetricType::COUNTER | MetricType::GAUGE), "{}", mf.name());
+        }
+    }
 
     #[test]
     fn escapes_label_values() {

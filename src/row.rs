@@ -36,6 +36,9 @@ pub enum Row {
     },
     /// One LLM call for `llm_usage`.
     LlmUsage {
+        /// The row id reserved for it (see [`UsageIds`]), which its exemplar
+        /// names; `None` lets SQLite pick one.
+        id: Option<i64>,
         /// When the exporter received it.
         ts: f64,
         /// The channel.
@@ -95,4 +98,110 @@ pub struct RestoredBot {
     pub registered_at: f64,
     /// Last seen, Unix seconds.
     pub last_seen: f64,
+}
+
+/// Row ids of `llm_usage` reserved by the writer for the exporter's own
+/// rows, handed out at ingest.
+///
+/// The id of a call's row goes into the exemplar of its latency bucket the
+/// moment the call is counted, long before the writer inserts the row, and
+/// ingest never waits for the writer. So the exporter picks the id itself:
+/// the writer reserves blocks of ids in the database (it moves the table's
+/// `AUTOINCREMENT` counter in `sqlite_sequence` past the block, so the bots'
+/// own usage logger, which writes to the same table with automatic ids,
+/// can never take one), and ingest takes ids from the reserved blocks. When
+/// none is left — the writer is behind or the database is down — a call
+/// gets no id: its row is inserted with an automatic id, and its exemplar
+/// shows the previous call that had one. The lock is held for a few
+/// instructions by either side, never across I/O.
+#[derive(Debug, Default)]
+pub struct UsageIds {
+    blocks: std::sync::Mutex<IdBlocks>,
+}
+
+/// The reserved ranges: the one in use and the next one.
+#[derive(Debug, Default)]
+struct IdBlocks {
+    /// The next id to hand out from the current block.
+    next: i64,
+    /// The end of the current block (exclusive).
+    end: i64,
+    /// The block to switch to when the current one is used up.
+    spare: Option<(i64, i64)>,
+    /// The highest id handed out so far, 0 before the first.
+    highest: i64,
+}
+
+impl UsageIds {
+    /// An empty pool: no id until the writer reserves a block.
+    pub fn new() -> UsageIds {
+        UsageIds::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdBlocks> {
+        // The data is two ranges updated in single steps; a panic elsewhere
+        // cannot leave it half-written.
+        self.blocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next reserved id, or `None` when every reserved id is used.
+    pub fn take(&self) -> Option<i64> {
+        let mut b = self.lock();
+        if b.next >= b.end {
+            let (start, end) = b.spare.take()?;
+            b.next = start;
+            b.end = end;
+        }
+        let id = b.next;
+        b.next += 1;
+        b.highest = b.highest.max(id);
+        Some(id)
+    }
+
+    /// Whether the writer should reserve another block: there is no spare.
+    pub fn wants_block(&self) -> bool {
+        self.lock().spare.is_none()
+    }
+
+    /// Adds the reserved block `start..end` (as the spare, or as the current
+    /// block when that is used up).
+    pub fn add_block(&self, start: i64, end: i64) {
+        let mut b = self.lock();
+        if b.next >= b.end {
+            b.next = start;
+            b.end = end;
+        } else {
+            b.spare = Some((start, end));
+        }
+    }
+
+    /// Forgets every reserved block (the writer opened another file, where
+    /// they mean nothing) and returns the highest id handed out, which the
+    /// next reservation must stay above.
+    pub fn reset(&self) -> i64 {
+        let mut b = self.lock();
+        b.next = 0;
+        b.end = 0;
+        b.spare = None;
+        b.highest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UsageIds;
+
+    #[test]
+    fn ids_come_from_reserved_blocks_only() {
+        let ids = UsageIds::new();
+        assert_eq!(ids.take(), None, "nothing reserved yet");
+        assert!(ids.wants_block());
+        ids.add_block(10, 12);
+        assert!(ids.wants_block(), "the first block is the current one");
+        ids.add_block(20, 21);
+        assert!(!ids.wants_block());
+        assert_eq!([ids.take(), ids.take(), ids.take(), ids.take()], [Some(10), Some(11), Some(20), None]);
+        assert_eq!(ids.reset(), 20);
+        assert_eq!(ids.take(), None, "a reset forgets the blocks");
+    }
 }

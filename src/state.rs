@@ -15,7 +15,7 @@ use crate::budget::{BudgetLine, Budgets, SpendTracker};
 use crate::event::{Event, LlmUsage, Reason, Rejection};
 use crate::pricing::{CostSource, PriceTable};
 use crate::ratelimit::RateLimitedLog;
-use crate::row::{RestoredBot, Row};
+use crate::row::{RestoredBot, Row, UsageIds};
 
 /// Upper bounds of the LLM latency histogram, in seconds: LLM calls take from
 /// tens of milliseconds (cached, small models) to minutes (long generations).
@@ -203,14 +203,44 @@ pub struct Latency {
     pub sum: f64,
     /// Number of observations.
     pub count: u64,
+    /// The latest observation that names its call, shown in OpenMetrics on
+    /// the bucket it fell in.
+    pub exemplar: Option<Exemplar>,
+}
+
+/// What an exemplar names: the call's row or the sender's trace.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExemplarLabel {
+    /// The `id` of the call's row in `llm_usage`.
+    UsageId(i64),
+    /// The `trace_id` the bot sent with the call.
+    TraceId(String),
+}
+
+/// One observation shown as an OpenMetrics exemplar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exemplar {
+    /// The index in [`Latency::buckets`] the observation fell in.
+    pub bucket: usize,
+    /// The call it names.
+    pub label: ExemplarLabel,
+    /// The observed latency in seconds.
+    pub value: f64,
+    /// When the exporter received the call, Unix seconds.
+    pub timestamp: f64,
 }
 
 impl Latency {
-    fn observe(&mut self, seconds: f64) {
+    fn observe(&mut self, seconds: f64, label: Option<ExemplarLabel>, now: f64) {
         let i = LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
         self.buckets[i] += 1;
         self.sum += seconds;
         self.count += 1;
+        // A call that names nothing leaves the previous exemplar: it still
+        // names a real call of its bucket, which is better than none.
+        if let Some(label) = label {
+            self.exemplar = Some(Exemplar { bucket: i, label, value: seconds, timestamp: now });
+        }
     }
 }
 
@@ -272,6 +302,8 @@ pub struct State {
     pending: Vec<Row>,
     /// Rate limit for the warning about too many features.
     features_log: RateLimitedLog,
+    /// Where `llm_usage` row ids come from; none without a store (tests).
+    usage_ids: Option<std::sync::Arc<UsageIds>>,
     /// Budgets and spend per bot, with `--budgets.file` only.
     budgets: Option<SpendTracker>,
 }
@@ -349,8 +381,15 @@ impl State {
             latency: HashMap::new(),
             pending: Vec::new(),
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
+            usage_ids: None,
             budgets: None,
         }
+    }
+
+    /// Takes `llm_usage` row ids from `ids` from now on, so that each call's
+    /// row id is known at ingest and can name the call in its exemplar.
+    pub fn set_usage_ids(&mut self, ids: std::sync::Arc<UsageIds>) {
+        self.usage_ids = Some(ids);
     }
 
     /// Re-creates bots read back from the database at start-up, so their
@@ -583,12 +622,21 @@ impl State {
             let bots = &self.bots;
             b.add(&u.channel, cost.unwrap_or(0.0), now, |c| bots.contains_key(c));
         }
+        let id = self.usage_ids.as_ref().and_then(|ids| ids.take());
         if let Some(ms) = u.latency_ms {
+            // A trace id is what the bot's own tracing knows the call by, so
+            // it wins over the row id when the bot sent one.
+            let label = match (u.trace_id, id) {
+                (Some(t), _) => Some(ExemplarLabel::TraceId(t)),
+                (None, Some(id)) => Some(ExemplarLabel::UsageId(id)),
+                (None, None) => None,
+            };
             // The histogram follows its series into `other`, so the two stay
             // consistent and latency keys never outnumber series keys.
-            self.latency.entry((key.0, key.1)).or_default().observe(ms / 1000.0);
+            self.latency.entry((key.0, key.1)).or_default().observe(ms / 1000.0, label, now);
         }
         out.push(Row::LlmUsage {
+            id,
             ts: now,
             channel: u.channel,
             model: u.model,
@@ -868,6 +916,33 @@ mod tests {
         let mut out = Vec::new();
         s.tick(150.0 + 3600.5, &mut out);
         assert_eq!(s.bot_count(), 0, "offline bot expired");
+    }
+
+    #[test]
+    fn exemplars_name_the_latest_call() {
+        let mut s = state();
+        let ids = std::sync::Arc::new(UsageIds::new());
+        ids.add_block(7, 9);
+        s.set_usage_ids(ids);
+        let usage = |latency: &str, trace: &str| {
+            format!(
+                r#"{{"type":"llm_usage","channel":"a","model":"m","feature":"f","tokens_in":1,"tokens_out":1{latency}{trace}}}"#
+            )
+        };
+        let id = |rows: &[Row]| match rows {
+            [Row::LlmUsage { id, .. }] => *id,
+            other => panic!("{other:?}"),
+        };
+        let exemplar = |s: &State| s.latency[&("a".to_owned(), "m".to_owned())].exemplar.clone().unwrap();
+        assert_eq!(id(&send(&mut s, &usage(r#","latency_ms":700"#, ""), 5.0)), Some(7));
+        assert_eq!(exemplar(&s), Exemplar { bucket: 4, label: ExemplarLabel::UsageId(7), value: 0.7, timestamp: 5.0 });
+        // A trace id wins over the row id; the row still gets its id.
+        assert_eq!(id(&send(&mut s, &usage(r#","latency_ms":40"#, r#","trace_id":"t1""#), 6.0)), Some(8));
+        assert_eq!(exemplar(&s).label, ExemplarLabel::TraceId("t1".into()));
+        assert_eq!(exemplar(&s).bucket, 0);
+        // No id left and no trace id: the row gets none, the exemplar stays.
+        assert_eq!(id(&send(&mut s, &usage(r#","latency_ms":9000"#, ""), 7.0)), None);
+        assert_eq!(exemplar(&s).label, ExemplarLabel::TraceId("t1".into()));
     }
 
     #[test]

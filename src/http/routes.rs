@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, VARY};
+use hyper::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, VARY};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tracing::warn;
@@ -17,11 +17,9 @@ use super::landing::{bot_views, filter_of, landing_page};
 use super::App;
 use crate::budget::{BudgetLine, Period, WILDCARD};
 use crate::clock::{format_time, parse_time, unix_now};
+use crate::metrics::Format;
 use crate::state::State;
 use crate::store::usage::{self, UsageError, UsageGroup, UsageQuery};
-
-/// The content type of the Prometheus text format 0.0.4.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The writer is considered stuck when its loop has not turned this long.
 const WRITER_STUCK_AFTER: f64 = 30.0;
@@ -149,10 +147,11 @@ pub fn accepts_gzip(header: &str) -> bool {
 async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let arrived = Instant::now();
     let gzip = req.headers().get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(accepts_gzip);
-    match app.scrapes.get(&app.metrics, &app.state, arrived, gzip).await {
+    let format = Format::negotiate(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
+    match app.scrapes.get(&app.metrics, &app.state, arrived, gzip, format).await {
         Ok(body) => {
-            let mut r = response(StatusCode::OK, METRICS_CONTENT_TYPE, body);
-            r.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+            let mut r = response(StatusCode::OK, format.content_type(), body);
+            r.headers_mut().insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
             if gzip {
                 r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             }

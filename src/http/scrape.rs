@@ -10,7 +10,7 @@ use prometheus::IntGauge;
 use tracing::debug;
 
 use crate::clock::unix_now;
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::state::State;
 
 /// A response body that counts itself in the budget while any copy of it is
@@ -101,7 +101,8 @@ impl AsRef<[u8]> for Gzip {
 /// so a client that requests and never reads cannot make the exporter hold
 /// more.
 pub struct ScrapeCache {
-    current: tokio::sync::Mutex<Weak<Generation>>,
+    /// The newest render of each format: the text format, then OpenMetrics.
+    current: tokio::sync::Mutex<[Weak<Generation>; 2]>,
     live: IntGauge,
     budget: usize,
 }
@@ -109,7 +110,7 @@ pub struct ScrapeCache {
 impl ScrapeCache {
     /// An empty cache: bodies count in `live`, at most `budget` bytes.
     pub fn new(live: IntGauge, budget: usize) -> ScrapeCache {
-        ScrapeCache { current: tokio::sync::Mutex::new(Weak::new()), live, budget }
+        ScrapeCache { current: tokio::sync::Mutex::new([Weak::new(), Weak::new()]), live, budget }
     }
 
     /// Bytes held by large response bodies now.
@@ -127,15 +128,18 @@ impl ScrapeCache {
         Bytes::from_owner(Accounted { data, live: self.live.clone() })
     }
 
-    /// The metrics body for a scrape that arrived at `arrived`.
+    /// The metrics body in `format` for a scrape that arrived at `arrived`.
+    /// Scrapes share renders of their own format only.
     pub(super) async fn get(
         &self,
         metrics: &Metrics,
         state: &Arc<Mutex<State>>,
         arrived: Instant,
         gzip: bool,
+        format: Format,
     ) -> std::result::Result<Bytes, String> {
-        let mut current = self.current.lock().await;
+        let mut slots = self.current.lock().await;
+        let current = &mut slots[usize::from(format == Format::OpenMetrics)];
         let reuse = match current.upgrade() {
             Some(g) if g.done_at >= arrived => Some(g),
             Some(g) if self.over_budget(g.plain.len()) => {
@@ -157,7 +161,7 @@ impl ScrapeCache {
                     let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
                     let mut text = String::with_capacity(Metrics::size_hint(&snapshot));
                     advise_huge_pages(&mut text);
-                    m.render_into(&snapshot, unix_now(), &mut text);
+                    m.render_format_into(format, &snapshot, unix_now(), &mut text);
                     text
                 })
                 .await

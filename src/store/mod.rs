@@ -28,7 +28,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 
 use crate::error::{Error, Result};
-use crate::row::{RestoredBot, Row};
+use crate::row::{RestoredBot, Row, UsageIds};
 
 pub use schema::{DbOptions, SCHEMA_VERSION};
 
@@ -200,13 +200,15 @@ impl Writer {
 }
 
 /// Starts the writer thread: opens, inspects and migrates the database,
-/// reads back the known bots, then serves the queue. Blocks until the
+/// reads back the known bots, reserves the first `llm_usage` ids into
+/// `usage_ids`, then serves the queue. Blocks until the
 /// database is open, so call it from a blocking context (it is the only
 /// place SQLite is opened for writing).
 pub fn start(
     config: StoreConfig,
     metrics: WriterMetrics,
     status: Arc<WriterStatus>,
+    usage_ids: Arc<UsageIds>,
 ) -> Result<(Sink, Vec<RestoredBot>, Writer)> {
     let (tx, rx) = mpsc::channel::<Row>();
     let pending = Arc::new(AtomicI64::new(0));
@@ -220,21 +222,27 @@ pub fn start(
         retention: config.retention,
         status,
         shutting_down: shutting_down.clone(),
+        usage_ids,
     };
     let path = config.path.clone();
     let options = config.options;
     let thread = std::thread::Builder::new().name("kissbot-writer".into()).spawn(move || {
-        let conn = match schema::open(&path, options) {
+        let mut db = writer::Db::new(path.clone(), options);
+        match schema::open(&path, options) {
             Ok((conn, bots)) => {
+                db.adopt(conn);
+                // The current block and its spare, reserved before ingest
+                // starts, so the first calls have ids.
+                worker.top_up_usage_ids(&mut db);
+                worker.top_up_usage_ids(&mut db);
                 let _ = ready_tx.send(Ok(bots));
-                conn
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
                 return;
             }
-        };
-        worker.run(conn, writer::Db::new(path, options));
+        }
+        worker.run(db);
     })?;
     let bots = ready_rx.recv().map_err(|_| Error::WriterGone)??;
     let sink = Sink {

@@ -8,14 +8,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{debug, error, info, warn};
 
 use super::schema::{self, DbOptions, TS_SECONDS};
 use super::{Retention, WriterMetrics, WriterStatus};
 use crate::clock::{format_time, unix_now};
 use crate::error::{Error, Result};
-use crate::row::Row;
+use crate::row::{Row, UsageIds};
 
 /// How long the writer waits for more rows once it has one (group commit).
 const GROUP_COMMIT_WAIT: Duration = Duration::from_millis(2);
@@ -23,6 +23,12 @@ const GROUP_COMMIT_WAIT: Duration = Duration::from_millis(2);
 /// Rows deleted per retention transaction: small enough that a chunk takes
 /// milliseconds and queued rows are written between chunks.
 const RETENTION_CHUNK: usize = 2000;
+
+/// How many `llm_usage` ids the writer reserves at a time. Ingest uses one
+/// block while the next waits as a spare, so a burst of this many calls
+/// between two turns of the writer's loop still gets ids. A restart leaves
+/// the unused rest of two blocks as a gap in the ids, which costs nothing.
+pub(crate) const USAGE_ID_BLOCK: i64 = 10_000;
 
 /// While the queue is disconnected (shutting down) a failing database is
 /// retried this many times before the remaining rows are counted as dropped.
@@ -44,6 +50,7 @@ pub(crate) struct WriterLoop {
     pub(crate) retention: Retention,
     pub(crate) status: Arc<WriterStatus>,
     pub(crate) shutting_down: Arc<AtomicBool>,
+    pub(crate) usage_ids: Arc<UsageIds>,
 }
 
 /// Rows deleted by the retention pass in progress, by table.
@@ -53,8 +60,8 @@ struct Pass {
 }
 
 impl WriterLoop {
-    pub(crate) fn run(self, conn: Connection, mut db: Db) {
-        db.adopt(conn);
+    /// Serves the queue with `db`, which holds the open connection.
+    pub(crate) fn run(self, mut db: Db) {
         self.status.running.store(true, Ordering::SeqCst);
         self.metrics.db_up.set(1);
         let mut batch = Vec::with_capacity(self.batch_size);
@@ -101,6 +108,7 @@ impl WriterLoop {
                 self.metrics.queue_depth.sub(batch.len() as i64);
                 self.commit_with_retry(&mut db, &mut batch);
             }
+            self.top_up_usage_ids(&mut db);
             if let Some(every) = every {
                 if Instant::now() >= retention_due {
                     match db.connection().and_then(|c| prune_chunk(c, &self.retention, &mut pass)) {
@@ -121,6 +129,44 @@ impl WriterLoop {
         self.status.running.store(false, Ordering::SeqCst);
         db.close();
         debug!("writer stopped");
+    }
+
+    /// Reserves a block of `llm_usage` ids when ingest has no spare. After
+    /// the file was reopened the old reservations mean nothing: they are
+    /// forgotten, and the new one starts above every id handed out, so rows
+    /// still queued with old ids cannot meet the logger's new rows.
+    pub(crate) fn top_up_usage_ids(&self, db: &mut Db) {
+        if !db.reopened && !self.usage_ids.wants_block() {
+            return;
+        }
+        // The connection first: should it find the file replaced, the
+        // reservations are reset before anything is reserved in the new one.
+        if let Err(e) = db.connection() {
+            // A failing database is reported by the writes; ingest goes on
+            // without ids until a reservation succeeds.
+            debug!(error = %e, "reserving llm_usage ids failed");
+            return;
+        }
+        if db.reopened {
+            db.reopened = false;
+            db.id_floor = self.usage_ids.reset();
+            db.autoincrement = true;
+        }
+        if !db.autoincrement || !self.usage_ids.wants_block() {
+            return;
+        }
+        let floor = db.id_floor;
+        match db.connection().and_then(|c| reserve_usage_ids(c, floor, USAGE_ID_BLOCK)) {
+            Ok(Some((start, end))) => {
+                debug!(start, end, "reserved llm_usage ids");
+                self.usage_ids.add_block(start, end);
+            }
+            Ok(None) => {
+                warn!("llm_usage has no AUTOINCREMENT id; exemplars name calls by trace_id only");
+                db.autoincrement = false;
+            }
+            Err(e) => debug!(error = %e, "reserving llm_usage ids failed"),
+        }
     }
 
     /// Logs and counts what a retention pass deleted: deleting history is
@@ -195,6 +241,14 @@ pub(crate) struct Db {
     conn: Option<Connection>,
     inode: Option<u64>,
     checked: Instant,
+    /// Set when another file was opened, until the id reservations are reset.
+    reopened: bool,
+    /// Reservations start above this: the highest id handed out for an
+    /// earlier file.
+    id_floor: i64,
+    /// False once `llm_usage` was found without `AUTOINCREMENT`: ids cannot
+    /// be reserved there, so none are.
+    autoincrement: bool,
 }
 
 fn inode_of(path: &Path) -> Option<u64> {
@@ -204,10 +258,19 @@ fn inode_of(path: &Path) -> Option<u64> {
 
 impl Db {
     pub(crate) fn new(path: PathBuf, options: DbOptions) -> Db {
-        Db { path, options, conn: None, inode: None, checked: Instant::now() }
+        Db {
+            path,
+            options,
+            conn: None,
+            inode: None,
+            checked: Instant::now(),
+            reopened: false,
+            id_floor: 0,
+            autoincrement: true,
+        }
     }
 
-    fn adopt(&mut self, conn: Connection) {
+    pub(crate) fn adopt(&mut self, conn: Connection) {
         self.inode = inode_of(&self.path);
         self.conn = Some(conn);
     }
@@ -225,6 +288,7 @@ impl Db {
             let (conn, _) = schema::open(&self.path, self.options)?;
             info!(path = %self.path.display(), "database reopened");
             self.adopt(conn);
+            self.reopened = true;
         }
         // Set just above; a failed open returned early.
         self.conn.as_mut().ok_or(Error::WriterGone)
@@ -278,6 +342,42 @@ fn prune_chunk(conn: &Connection, retention: &Retention, pass: &mut Pass) -> Res
     Ok(more)
 }
 
+/// Reserves `size` ids of `llm_usage` for the exporter, all above `floor`,
+/// and returns them as `start..end`; `None` when the table has no
+/// `AUTOINCREMENT` (a legacy shape this build does not rewrite), where
+/// SQLite would give the logger the next id above the largest, ours too.
+///
+/// `AUTOINCREMENT` gives a new row an id above both the largest id in the
+/// table and the table's entry in `sqlite_sequence`. Raising that entry to
+/// the end of the block in one write transaction — writers are serialised,
+/// so the logger inserts before or after it, never during — means no
+/// automatic id can fall inside the block afterwards.
+pub(crate) fn reserve_usage_ids(conn: &mut Connection, floor: i64, size: i64) -> Result<Option<(i64, i64)>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let sql: String =
+        tx.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'llm_usage'", [], |r| r.get(0))?;
+    if !sql.to_ascii_uppercase().contains("AUTOINCREMENT") {
+        return Ok(None);
+    }
+    let seq: Option<i64> =
+        tx.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'llm_usage'", [], |r| r.get(0)).optional()?;
+    let max: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM llm_usage", [], |r| r.get(0))?;
+    let base = seq.unwrap_or(0).max(max).max(floor);
+    let last = base + size;
+    if seq.is_some() {
+        tx.execute("UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'llm_usage'", [last])?;
+    } else {
+        tx.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('llm_usage', ?1)", [last])?;
+    }
+    tx.commit()?;
+    Ok(Some((base + 1, last + 1)))
+}
+
+/// Whether an insert failed because its explicit id is taken.
+fn id_taken(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
 fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
@@ -307,6 +407,7 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     .execute(params![format_time(*ts), channel, pid, event, detail])?;
                 }
                 Row::LlmUsage {
+                    id,
                     ts,
                     channel,
                     model,
@@ -321,26 +422,42 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     tokens_cached,
                     status,
                 } => {
-                    tx.prepare_cached(
-                        "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
-                           cost_usd, cost_source, pid, provider, tokens_cached, status)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                    )?
-                    .execute(params![
-                        format_time(*ts),
-                        channel,
-                        model,
-                        feature,
-                        *tokens_in as i64,
-                        *tokens_out as i64,
-                        latency_ms,
-                        cost_usd,
-                        cost_source,
-                        pid,
-                        provider,
-                        *tokens_cached as i64,
-                        status
-                    ])?;
+                    let insert = |id: Option<i64>| -> rusqlite::Result<usize> {
+                        tx.prepare_cached(
+                            "INSERT INTO llm_usage(id, ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
+                               cost_usd, cost_source, pid, provider, tokens_cached, status)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                        )?
+                        .execute(params![
+                            id,
+                            format_time(*ts),
+                            channel,
+                            model,
+                            feature,
+                            *tokens_in as i64,
+                            *tokens_out as i64,
+                            latency_ms,
+                            cost_usd,
+                            cost_source,
+                            pid,
+                            provider,
+                            *tokens_cached as i64,
+                            status
+                        ])
+                    };
+                    match insert(*id) {
+                        Ok(_) => {}
+                        // Reserved ids are never taken by anyone else in the
+                        // file they were reserved in; this happens only when
+                        // the file was replaced by one that holds the id.
+                        // The row is kept under an automatic id, and the
+                        // exemplar that named it names nothing of it.
+                        Err(e) if id.is_some() && id_taken(&e) => {
+                            warn!(id = ?id, "llm_usage id already taken in this file; row written with a new id");
+                            insert(None)?;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {
                     tx.prepare_cached(
@@ -360,4 +477,80 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
         }
     }
     Ok(tx.commit()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> DbOptions {
+        DbOptions { busy_timeout: Duration::from_secs(5), max_pages: None, backup: false }
+    }
+
+    /// An insert the way the bots' usage logger makes it: automatic id.
+    fn logger_insert(conn: &Connection) -> i64 {
+        conn.execute(
+            "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out) VALUES ('2026-12-01 12:00:00', 'bot', 'm', 'f', 1, 1)",
+            [],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    fn usage_row(id: Option<i64>) -> Row {
+        Row::LlmUsage {
+            id,
+            ts: 1.0,
+            channel: "a".into(),
+            model: "m".into(),
+            feature: "f".into(),
+            tokens_in: 1,
+            tokens_out: 1,
+            latency_ms: Some(5.0),
+            cost_usd: None,
+            cost_source: "unpriced",
+            pid: None,
+            provider: None,
+            tokens_cached: 0,
+            status: "ok",
+        }
+    }
+
+    #[test]
+    fn reserved_ids_are_never_given_to_the_logger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let (mut conn, _) = schema::open(&path, options()).unwrap();
+        let logger = Connection::open(&path).unwrap();
+        assert_eq!(logger_insert(&logger), 1);
+        let (start, end) = reserve_usage_ids(&mut conn, 0, 100).unwrap().unwrap();
+        assert_eq!((start, end), (2, 102));
+        // The logger's next rows land above the block, whatever the
+        // exporter has written of it so far.
+        assert_eq!(logger_insert(&logger), 102);
+        write_batch(&mut conn, &[usage_row(Some(start)), usage_row(Some(end - 1))]).unwrap();
+        assert_eq!(logger_insert(&logger), 103);
+        // The next block starts above everything, and above the floor.
+        assert_eq!(reserve_usage_ids(&mut conn, 0, 10).unwrap(), Some((104, 114)));
+        assert_eq!(reserve_usage_ids(&mut conn, 500, 10).unwrap(), Some((501, 511)));
+        // An id taken in a replaced file: the row is kept under a new id.
+        write_batch(&mut conn, &[usage_row(Some(102))]).unwrap();
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM llm_usage", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 6);
+    }
+
+    #[test]
+    fn no_reservation_without_autoincrement() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("legacy.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE llm_usage(id INTEGER PRIMARY KEY, ts TEXT NOT NULL, channel TEXT NOT NULL,
+               model TEXT NOT NULL, feature TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL)",
+        )
+        .unwrap();
+        drop(conn);
+        let (mut conn, _) = schema::open(&path, options()).unwrap();
+        assert_eq!(reserve_usage_ids(&mut conn, 0, 10).unwrap(), None);
+    }
 }

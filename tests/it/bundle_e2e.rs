@@ -35,10 +35,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bundle_support::{
-    dashboard_exprs, dashboards, read, referenced_metric_names, rule_files, strict, substitute_grafana_variables,
-    variable_query, variables, which,
+    dashboard_exprs, dashboards, read, referenced_metric_names, strict, substitute_grafana_variables, variable_query,
+    variables, which,
 };
 use crate::common::{metric_value, wait_until, Exporter};
+use crate::servers::{
+    alertmanager_alerts, find_alert, free_addr, http, poll, replace_all, set_yaml_values, start_alertmanager,
+    url_encode, write_rules, Server,
+};
 
 // ---------------------------------------------------------------------------
 // The fleet
@@ -390,122 +394,6 @@ fn servers() -> Option<(PathBuf, PathBuf)> {
     None
 }
 
-/// A loopback address with a port nothing listens on right now.
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
-}
-
-/// Replaces `from` with `to`, insisting that `from` is there.
-fn replace_all(text: &str, from: &str, to: &str, file: &str) -> String {
-    assert!(text.contains(from), "{file} no longer contains {from:?}; update tests/bundle_e2e.rs");
-    text.replace(from, to)
-}
-
-/// Polls `f` every 100 ms until it returns `Ok`, or panics with the last
-/// error after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("timed out after {timeout:?} waiting for {what}; last: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// A plain HTTP/1.0 request (no keep-alive, no chunking); status and body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    Ok((status, body.to_owned()))
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A server process on a loopback port, killed on drop. Its log is kept and
-/// printed if the test fails.
-struct Server {
-    name: &'static str,
-    addr: SocketAddr,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, dir: tempfile::TempDir) -> Server {
-        let shown = format!("{cmd:?}");
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        let mut server = Server { name, addr, child, log, _dir: dir };
-        poll(&format!("{name} to be ready on {addr}"), Duration::from_secs(30), || {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("{name} exited ({status}) at start:\n{}", server.log_text());
-            }
-            match http(addr, "GET", "/-/ready") {
-                Ok((200, _)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        });
-        server
-    }
-
-    fn get_json(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = http(self.addr, "GET", path).map_err(|e| format!("{} GET {path}: {e}", self.name))?;
-        if status != 200 {
-            return Err(format!("{} GET {path}: HTTP {status}: {body}", self.name));
-        }
-        serde_json::from_str(&body).map_err(|e| format!("{} GET {path}: bad JSON ({e}): {body}", self.name))
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
-            let tail = &log[log.len().saturating_sub(40)..];
-            eprintln!("--- last lines of {}'s log ---\n{}", self.name, tail.join("\n"));
-        }
-    }
-}
-
 /// A webhook receiver standing in for the real integrations of
 /// deploy/alertmanager/alertmanager.yml: answers 200 and records what it got.
 struct WebhookSink {
@@ -589,81 +477,19 @@ impl Drop for WebhookSink {
     }
 }
 
-/// Copies `alerts/*.yml` into `dir`, with `for:` of the [`SHORTENED_FOR`]
-/// alerts set to [`SHORT_FOR`]; nothing else changes.
-fn write_rules(dir: &Path) {
-    let mut shortened = Vec::new();
-    for path in rule_files() {
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        let mut out = String::with_capacity(text.len());
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            let t = line.trim_start();
-            if let Some(name) = t.strip_prefix("- alert:") {
-                current = Some(name.trim().trim_matches('"').to_owned());
-            } else if t.starts_with("- record:") || t.starts_with("- name:") {
-                current = None;
-            }
-            match current.as_deref() {
-                Some(name) if t.starts_with("for:") && SHORTENED_FOR.contains(&name) => {
-                    let indent = &line[..line.len() - t.len()];
-                    out.push_str(&format!("{indent}for: {SHORT_FOR}\n"));
-                    shortened.push(format!("{name} ({} -> {SHORT_FOR})", t.trim_start_matches("for:").trim()));
-                    current = None;
-                }
-                _ => {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-        }
-        let name = path.file_name().expect("rule file name");
-        std::fs::write(dir.join(name), out).expect("write the rule file copy");
-    }
-    assert_eq!(shortened.len(), SHORTENED_FOR.len(), "expected to shorten {SHORTENED_FOR:?}, did {shortened:?}");
-    eprintln!("bundle_e2e: rules loaded with shortened for: {shortened:?}");
-}
-
-fn start_alertmanager(binary: &Path, webhook: SocketAddr) -> Server {
-    let dir = tempfile::tempdir().expect("alertmanager temp dir");
-    const FILE: &str = "deploy/alertmanager/alertmanager.yml";
-    // The receivers post to the local sink instead of the Compose network's
-    // placeholder host.
-    let config = replace_all(&read(FILE), "http://alert-receiver:5001", &format!("http://{webhook}"), FILE);
-    let config_path = dir.path().join("alertmanager.yml");
-    std::fs::write(&config_path, config).expect("write alertmanager.yml");
-    let addr = free_addr();
-    let mut cmd = Command::new(binary);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.path={}", dir.path().join("data").display()))
-        .arg(format!("--web.listen-address={addr}"))
-        .arg("--cluster.listen-address=");
-    Server::spawn("alertmanager", cmd, addr, dir)
-}
-
 fn start_prometheus(binary: &Path, exporter: SocketAddr, alertmanager: SocketAddr) -> Server {
     let dir = tempfile::tempdir().expect("prometheus temp dir");
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).expect("rules dir");
-    write_rules(&rules);
+    let shortened = write_rules(&rules, SHORTENED_FOR, SHORT_FOR);
+    eprintln!("bundle_e2e: rules loaded with shortened for: {shortened:?}");
     let addr = free_addr();
 
     // deploy/prometheus/prometheus.yml with the Compose host names replaced
     // by the loopback addresses, the rules directory by the copy, and the
     // intervals by 1 s.
     const FILE: &str = "deploy/prometheus/prometheus.yml";
-    let mut config = String::new();
-    for line in read(FILE).lines() {
-        let t = line.trim_start();
-        let indent = &line[..line.len() - t.len()];
-        match ["scrape_interval:", "evaluation_interval:", "scrape_timeout:"].iter().find(|k| t.starts_with(*k)) {
-            Some(key) => config.push_str(&format!("{indent}{key} 1s\n")),
-            None => {
-                config.push_str(line);
-                config.push('\n');
-            }
-        }
-    }
+    let config = set_yaml_values(&read(FILE), &["scrape_interval", "evaluation_interval", "scrape_timeout"], "1s");
     let config = replace_all(&config, "exporter:8377", &exporter.to_string(), FILE);
     let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
     let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
@@ -755,25 +581,6 @@ fn has_data(prometheus: &Server, check: &Check) -> Result<(), String> {
     Ok(())
 }
 
-/// The alerts Alertmanager holds as active (not resolved), as label maps
-/// with the state added under `@state`.
-fn alertmanager_alerts(am: &Server) -> Result<Vec<Value>, String> {
-    let v = am.get_json("/api/v2/alerts")?;
-    let list = v.as_array().ok_or_else(|| format!("not a list: {v}"))?;
-    Ok(list
-        .iter()
-        .map(|a| {
-            let mut labels = a["labels"].clone();
-            labels["@state"] = a["status"]["state"].clone();
-            labels
-        })
-        .collect())
-}
-
-fn find_alert<'a>(alerts: &'a [Value], alertname: &str, channel: Option<&str>) -> Option<&'a Value> {
-    alerts.iter().find(|a| a["alertname"] == alertname && channel.is_none_or(|c| a["channel"] == c))
-}
-
 #[test]
 fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
     let started = Instant::now();
@@ -782,7 +589,7 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
 
     let mut fleet = Fleet::start();
     let sink = WebhookSink::start();
-    let am = start_alertmanager(&alertmanager_bin, sink.addr);
+    let am = start_alertmanager(&alertmanager_bin, &format!("http://{}", sink.addr));
     let prom = start_prometheus(&prometheus_bin, fleet.exporter.addr, am.addr);
     let mut seen_in_am: BTreeSet<String> = BTreeSet::new();
     let mut note_alerts = |alerts: &[Value]| {

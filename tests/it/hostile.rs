@@ -215,8 +215,13 @@ fn strange_strings_come_out_escaped_everywhere() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["bots"][0]["channel"], channel);
     assert_eq!(v["bots"][0]["features"]["<b>\"x\""], true);
-    let (_, _, body) = e.get("/api/usage?group_by=model");
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The row reaches SQLite on the writer thread, a moment after the metrics.
+    let mut v = serde_json::Value::Null;
+    wait_until("the usage row in SQLite", Duration::from_secs(10), || {
+        let (_, _, body) = e.get("/api/usage?group_by=model");
+        v = serde_json::from_slice(&body).unwrap();
+        v["groups"].as_array().is_some_and(|g| !g.is_empty())
+    });
     assert_eq!(v["groups"][0]["key"], model);
     probe(&e, 1);
 }

@@ -7,6 +7,7 @@
 
 mod bundle_support;
 mod common;
+mod servers;
 
 mod budgets;
 mod bundle;
@@ -16,6 +17,8 @@ mod crash;
 mod daemon;
 mod db_fault;
 mod docs;
+mod exemplars;
+mod fleet_e2e;
 mod fuzz_corpus;
 mod golden;
 mod hostile;

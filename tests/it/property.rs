@@ -182,6 +182,7 @@ fn event(op: &Op) -> Option<Event> {
             provider: None,
             tokens_cached: 0,
             error: false,
+            trace_id: None,
         }),
         Op::Advance(_) => return None,
     })
