@@ -67,13 +67,18 @@ pub struct Config {
     #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377", value_delimiter = ',', value_parser = parse_listen_address)]
     pub web_listen_address: Vec<ListenAddress>,
 
-    /// Enable the lifecycle endpoint `POST /-/reload` (re-reads the pricing file).
+    /// Enable the lifecycle endpoint `POST /-/reload` (re-reads the pricing and budgets files).
     #[arg(long = "web.enable-lifecycle", env = "KISSBOT_EXPORTER_WEB_ENABLE_LIFECYCLE")]
     pub web_enable_lifecycle: bool,
 
     /// TOML price table consulted before the embedded one; re-read on SIGHUP.
     #[arg(long = "pricing.file", env = "KISSBOT_EXPORTER_PRICING_FILE")]
     pub pricing_file: Option<PathBuf>,
+
+    /// TOML file of LLM budgets per bot (USD per UTC day and month); re-read
+    /// with the pricing file on SIGHUP and `POST /-/reload`.
+    #[arg(long = "budgets.file", env = "KISSBOT_EXPORTER_BUDGETS_FILE")]
+    pub budgets_file: Option<PathBuf>,
 
     /// Path under which the metrics are served.
     #[arg(long = "web.telemetry-path", env = "KISSBOT_EXPORTER_WEB_TELEMETRY_PATH", default_value = "/metrics")]

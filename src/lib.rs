@@ -4,6 +4,7 @@
 //!
 //! # Modules
 //!
+//! - `budget`: the `--budgets.file` and the spend per bot since the UTC day and month began.
 //! - `clock`: Unix time and the ISO-8601 strings of the database (bottom of the graph).
 //! - `row`: the database rows, shared by the state machine and the store.
 //! - `ratelimit`: rate-limited log lines for bad input.
@@ -41,6 +42,7 @@ pub mod fuzz_support;
 pub mod send;
 pub mod shutdown;
 
+mod budget;
 mod clock;
 mod event;
 mod frame;
@@ -63,6 +65,7 @@ mod web_config;
 /// renderer, the price table, the parser and framing. Not a stable API.
 #[doc(hidden)]
 pub mod testing {
+    pub use crate::budget::Period;
     pub use crate::clock::{format_time, parse_time, unix_now};
     pub use crate::event::{
         parse_line, truncate, Event, LlmUsage, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS,
@@ -237,6 +240,17 @@ async fn start_inner(
     if let Some(p) = &config.pricing_file {
         info!(path = %p.display(), "pricing file loaded");
     }
+    // Read before the database is opened, so a bad file is refused at once.
+    let budgets = config
+        .budgets_file
+        .as_deref()
+        .map(|p| {
+            let b = budget::Budgets::load(p)
+                .map_err(|e| Error::Config { what: "--budgets.file", reason: e.to_string() })?;
+            info!(path = %p.display(), budgets = b.len(), "budgets file loaded");
+            Ok::<_, Error>(b)
+        })
+        .transpose()?;
     // One database, one exporter: a second one on the same file would fight
     // over bot_status.
     let db_lock = match LockFile::acquire("database", &config.db_path)? {
@@ -300,6 +314,9 @@ async fn start_inner(
     let known = restored.len();
     let n = state.restore(restored, clock::unix_now());
     info!(restored = n, in_database = known, "restored bots from the database");
+    if let Some(budgets) = budgets {
+        state.set_spend_tracker(read_spend(budgets, &config, state.pricing().clone()).await?);
+    }
     let state = Arc::new(Mutex::new(state));
 
     let token = CancellationToken::new();
@@ -329,7 +346,10 @@ async fn start_inner(
         },
         stop_rx,
     )?;
-    let reloader = Arc::new(Reloader::new(config.pricing_file.clone(), state.clone(), metrics.clone()));
+    let reloader = Arc::new(
+        Reloader::new(config.pricing_file.clone(), state.clone(), metrics.clone())
+            .with_budgets(config.budgets_file.clone()),
+    );
     let _ = reloader_slot.set(reloader.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Arc::new(http::App {
@@ -389,6 +409,11 @@ pub fn check_config(config: &Config) -> Result<Vec<String>> {
         Some(p) => format!("pricing file {} ok", p.display()),
         None => "pricing: embedded table".to_owned(),
     });
+    if let Some(p) = &config.budgets_file {
+        let budgets =
+            budget::Budgets::load(p).map_err(|e| Error::Config { what: "--budgets.file", reason: e.to_string() })?;
+        report.push(format!("budgets file {} ok ({} budgets)", p.display(), budgets.len()));
+    }
     web_config::WebConfig::load_optional(config.web_config_file.as_deref())
         .map_err(|e| Error::Config { what: "--web.config.file", reason: e.to_string() })?;
     report.push(match &config.web_config_file {
@@ -414,6 +439,38 @@ pub fn check_config(config: &Config) -> Result<Vec<String>> {
         config.web_listen_address.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
     ));
     Ok(report)
+}
+
+/// Reads the spend of the current UTC day and month from `llm_usage`, on a
+/// thread of its own (never on the runtime). Called after the writer has
+/// opened the file and before ingest starts, so every row read predates
+/// every call counted live.
+async fn read_spend(budgets: budget::Budgets, config: &Config, pricing: PriceTable) -> Result<budget::SpendTracker> {
+    let now = clock::unix_now();
+    let (day, month) = (budget::Period::Day.start(now), budget::Period::Month.start(now));
+    let (db, busy, max_other) = (config.db_path.clone(), config.db_busy_timeout, config.limits_max_bots);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("kissbot-spend".into()).spawn(move || {
+        let _ = done_tx.send(store::spend::spend_since(&db, &pricing, day, month, busy));
+    })?;
+    let baseline = match done_rx.await.map_err(|_| Error::WriterGone)? {
+        Ok((spend, left_out)) => {
+            if left_out > 0 {
+                warn!(rows = left_out, "too many channels in llm_usage this month; some spend was not read back");
+            }
+            info!(channels = spend.len(), "spend of this day and month read from the database");
+            spend
+        }
+        Err(e) => {
+            // The exporter is more use running with budgets counted from
+            // now than not running at all; the warning says what is missing.
+            warn!(error = %e, "cannot read this month's spend from the database; budgets count from now");
+            Default::default()
+        }
+    };
+    let baseline =
+        baseline.into_iter().map(|(c, (day_usd, month_usd))| (c, budget::Spend { day_usd, month_usd })).collect();
+    Ok(budget::SpendTracker::new(budgets, baseline, now, max_other))
 }
 
 /// Resolves `--socket.group`: a numeric gid or a group name.

@@ -18,7 +18,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Validate the flags, the pricing file and the web config, print a
+    /// Validate the flags, the pricing and budgets files and the web config, print a
     /// summary, and exit (0 if valid, 1 if not) without starting.
     #[arg(long = "check-config")]
     check_config: bool,

@@ -14,6 +14,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use prometheus::Gauge as GaugeMetric;
 
+use crate::budget::{BudgetLine, Period};
 use crate::event::{ErrorType, Reason};
 use crate::pricing::CostSource;
 use crate::state::{ExemplarLabel, Latency, Snapshot, State, Status, LATENCY_BUCKETS};
@@ -577,8 +578,43 @@ fn render_state(state: &Snapshot, now: f64, out: &mut Body<'_>) {
         }
     }
     render_llm(state, out);
+    render_budgets(state, out);
     header(out, "kissbot_exporter_bots", "Bots tracked by the exporter.", "gauge");
     sample(out, "kissbot_exporter_bots", "", state.bots.len() as f64);
+}
+
+/// The budget and spend gauges of the bots with a budget: one series per
+/// (channel, period) the budget sets. Nothing without `--budgets.file`.
+fn render_budgets(state: &Snapshot, out: &mut Body<'_>) {
+    type Get = fn(&BudgetLine, Period) -> Option<f64>;
+    let families: [(&str, &str, Get); 2] = [
+        (
+            "kissbot_llm_budget_usd",
+            "LLM budget of the bot in USD for the current UTC day or month (--budgets.file).",
+            |l, p| l.budget.of(p),
+        ),
+        (
+            "kissbot_llm_spend_usd",
+            "LLM spend of the bot in USD since the current UTC day or month began; only for bots with a budget.",
+            |l, p| l.budget.of(p).map(|_| l.spend.of(p)),
+        ),
+    ];
+    let mut labels = String::with_capacity(128);
+    for (name, help, get) in families {
+        let mut first = true;
+        for line in &state.budgets {
+            for period in Period::ALL {
+                let Some(v) = get(line, period) else { continue };
+                if first {
+                    header(out, name, help, "gauge");
+                    first = false;
+                }
+                labels.clear();
+                let _ = write!(labels, "channel=\"{}\",period=\"{}\"", escape(&line.channel), period.as_str());
+                sample(out, name, &labels, v);
+            }
+        }
+    }
 }
 
 fn render_llm(state: &Snapshot, out: &mut Body<'_>) {

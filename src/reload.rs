@@ -1,4 +1,4 @@
-//! Re-reading the pricing file: on SIGHUP (a handler installed before
+//! Re-reading the pricing file and the budgets file: on SIGHUP (a handler installed before
 //! anything slow happens at start-up) and on `POST /-/reload`.
 
 use std::path::PathBuf;
@@ -7,14 +7,17 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::budget::Budgets;
 use crate::metrics::Metrics;
 use crate::pricing::PriceTable;
 use crate::state::State;
 
-/// Re-reads the pricing file and swaps it into the state. A bad file is
-/// refused with the reason, and the table in force stays.
+/// Re-reads the pricing file and the budgets file and swaps them into the
+/// state. A bad file is refused with the reason, and both files in force
+/// stay: a reload takes effect whole or not at all.
 pub struct Reloader {
     path: Option<PathBuf>,
+    budgets: Option<PathBuf>,
     state: Arc<Mutex<State>>,
     metrics: Metrics,
 }
@@ -22,14 +25,42 @@ pub struct Reloader {
 impl Reloader {
     /// A reloader for `path` (none: the embedded table only) into `state`.
     pub fn new(path: Option<PathBuf>, state: Arc<Mutex<State>>, metrics: Metrics) -> Reloader {
-        Reloader { path, state, metrics }
+        Reloader { path, budgets: None, state, metrics }
+    }
+
+    /// Also re-reads this budgets file (none: no budgets).
+    pub fn with_budgets(mut self, budgets: Option<PathBuf>) -> Reloader {
+        self.budgets = budgets;
+        self
     }
 
     /// Reloads now (blocking: it reads a file). Returns the refusal reason.
     pub fn reload(&self) -> std::result::Result<(), String> {
+        let budgets = match self.budgets.as_deref().map(Budgets::load).transpose() {
+            Ok(b) => b,
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["failure"]).inc();
+                self.metrics.config_last_reload_successful.set(0);
+                warn!(error = %e, "budgets reload refused; the previous budgets and prices stay in force");
+                return Err(e.to_string());
+            }
+        };
+        let result = self.reload_pricing();
+        // Only once the pricing file was accepted too, so that a reload is
+        // all or nothing.
+        if let (Ok(()), Some(budgets), Some(path)) = (&result, budgets, &self.budgets) {
+            let n = budgets.len();
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).set_budgets(budgets);
+            info!(path = %path.display(), budgets = n, "budgets file reloaded");
+        }
+        result
+    }
+
+    fn reload_pricing(&self) -> std::result::Result<(), String> {
         let Some(path) = &self.path else {
             info!("reload requested; no pricing file configured, the embedded table stays");
             self.metrics.config_reloads.with_label_values(&["success"]).inc();
+            self.metrics.config_last_reload_successful.set(1);
             return Ok(());
         };
         match PriceTable::load(path) {

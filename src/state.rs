@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use prometheus::IntCounter;
 use tracing::{info, warn};
 
+use crate::budget::{BudgetLine, Budgets, SpendTracker};
 use crate::event::{ErrorType, Event, LlmUsage, Reason, Rejection};
 use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
@@ -98,6 +99,8 @@ pub struct ProcessInfo {
     pub alive: bool,
     /// CPU seconds (user + system) of the current process.
     pub cpu_seconds: f64,
+    /// CPU percent between the last two samples (100 is one core).
+    pub cpu_percent: f64,
     /// Resident memory in bytes.
     pub rss_bytes: u64,
     /// Virtual memory in bytes.
@@ -257,6 +260,8 @@ pub struct Snapshot {
     pub latencies: Vec<((String, String), Latency)>,
     /// The time-to-first-token histograms by (channel, model).
     pub ttfts: Vec<((String, String), Latency)>,
+    /// The bots with a budget and their spend; empty without `--budgets.file`.
+    pub budgets: Vec<BudgetLine>,
 }
 
 /// Key of an LLM series.
@@ -307,6 +312,8 @@ pub struct State {
     features_log: RateLimitedLog,
     /// Where `llm_usage` row ids come from; none without a store (tests).
     usage_ids: Option<std::sync::Arc<UsageIds>>,
+    /// Budgets and spend per bot, with `--budgets.file` only.
+    budgets: Option<SpendTracker>,
 }
 
 fn features_json(features: &[(String, bool)]) -> String {
@@ -384,6 +391,7 @@ impl State {
             pending: Vec::new(),
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
             usage_ids: None,
+            budgets: None,
         }
     }
 
@@ -622,6 +630,10 @@ impl State {
         }
         series.cached_tokens += u.tokens_cached;
         series.updated_at = now;
+        if let Some(b) = self.budgets.as_mut() {
+            let bots = &self.bots;
+            b.add(&u.channel, cost.unwrap_or(0.0), now, |c| bots.contains_key(c));
+        }
         let id = self.usage_ids.as_ref().and_then(|ids| ids.take());
         if let Some(ms) = u.latency_ms {
             // A trace id is what the bot's own tracing knows the call by, so
@@ -663,6 +675,10 @@ impl State {
     /// and forgets bots and series past their expiry.
     pub fn tick(&mut self, now: f64, out: &mut Vec<Row>) {
         out.append(&mut self.pending);
+        if let Some(b) = self.budgets.as_mut() {
+            let bots = &self.bots;
+            b.roll(now, |c| bots.contains_key(c));
+        }
         let stale_after = self.config.stale_after;
         let expiry = self.config.expiry;
         let mut expired = Vec::new();
@@ -740,7 +756,14 @@ impl State {
                     Some("pid reused by another process")
                 }
                 SampleResult::Alive { cpu_seconds, cpu_pct, rss_bytes, vms_bytes, start_time } => {
-                    bot.process = Some(ProcessInfo { alive: true, cpu_seconds, rss_bytes, vms_bytes, start_time });
+                    bot.process = Some(ProcessInfo {
+                        alive: true,
+                        cpu_seconds,
+                        cpu_percent: cpu_pct,
+                        rss_bytes,
+                        vms_bytes,
+                        start_time,
+                    });
                     self.pending.push(Row::BotMetrics {
                         ts: now,
                         channel: bot.channel.clone(),
@@ -756,9 +779,16 @@ impl State {
             if let Some(why) = gone {
                 if let Some(p) = bot.process.as_mut() {
                     p.alive = false;
+                    p.cpu_percent = 0.0;
                 } else {
-                    bot.process =
-                        Some(ProcessInfo { alive: false, cpu_seconds: 0.0, rss_bytes: 0, vms_bytes: 0, start_time: 0 });
+                    bot.process = Some(ProcessInfo {
+                        alive: false,
+                        cpu_seconds: 0.0,
+                        cpu_percent: 0.0,
+                        rss_bytes: 0,
+                        vms_bytes: 0,
+                        start_time: 0,
+                    });
                 }
                 bot.set_status(Status::Dead, now);
                 warn!(channel = %bot.channel, pid = bot.pid, reason = why, "bot dead: process gone");
@@ -786,6 +816,37 @@ impl State {
             llm: self.llm.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
             latencies: self.latency.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
             ttfts: self.ttft.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+            budgets: self.budget_lines(),
+        }
+    }
+
+    /// What a channel spent today (UTC) and its daily budget; `None` for
+    /// what is not known (no `--budgets.file`, no daily budget, or a channel
+    /// beyond the tracker's bound).
+    pub fn spend_today(&self, channel: &str) -> (Option<f64>, Option<f64>) {
+        match &self.budgets {
+            Some(b) => (b.spend(channel).map(|s| s.day_usd), b.budgets().of(channel).and_then(|b| b.daily_usd)),
+            None => (None, None),
+        }
+    }
+
+    /// The bots with a budget and their spend, sorted by channel; empty
+    /// without `--budgets.file`.
+    pub fn budget_lines(&self) -> Vec<BudgetLine> {
+        self.budgets.as_ref().map(|b| b.lines(self.bots.keys().map(String::as_str))).unwrap_or_default()
+    }
+
+    /// Starts tracking budgets (at start, with the spend read from the
+    /// database).
+    pub fn set_spend_tracker(&mut self, tracker: SpendTracker) {
+        self.budgets = Some(tracker);
+    }
+
+    /// Replaces the budgets (on reload); the spend counted so far stays.
+    /// Without a tracker (no `--budgets.file` at start) it does nothing.
+    pub fn set_budgets(&mut self, budgets: Budgets) {
+        if let Some(b) = self.budgets.as_mut() {
+            b.set_budgets(budgets);
         }
     }
 

@@ -1,5 +1,5 @@
 //! What each path answers: `/metrics`, `/`, `/health*`, `/api/bots`,
-//! `/api/usage` and `/-/reload`.
+//! `/api/usage`, `/api/budgets` and `/-/reload`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,8 +13,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tracing::warn;
 
-use super::landing::{bot_rows, landing_page};
+use super::landing::{bot_views, filter_of, landing_page};
 use super::App;
+use crate::budget::{BudgetLine, Period, WILDCARD};
 use crate::clock::{format_time, parse_time, unix_now};
 use crate::metrics::Format;
 use crate::state::State;
@@ -62,7 +63,8 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
             }
             let state = app.state.clone();
             let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
-            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path)).await {
+            let filter = filter_of(req.uri().query().unwrap_or(""));
+            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path, &filter)).await {
                 Ok(html) => {
                     response(StatusCode::OK, "text/html; charset=utf-8", app.scrapes.account(html.into_bytes()))
                 }
@@ -98,6 +100,23 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
             }
         }
         "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
+        "/api/budgets" => {
+            // Up to one line per bot plus the file's entries: like the bots
+            // list, built off the runtime's workers and within the memory
+            // budget of large responses.
+            if app.scrapes.over_budget(0) {
+                return busy("budgets");
+            }
+            let state = app.state.clone();
+            let build = move || {
+                let lines = state.lock().unwrap_or_else(|e| e.into_inner()).budget_lines();
+                budgets_json(&lines, unix_now()).to_string()
+            };
+            match tokio::task::spawn_blocking(build).await {
+                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -296,22 +315,69 @@ fn health(app: &App) -> Response<Full<Bytes>> {
     json_response(if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
 
+/// `/api/budgets`: per bot with a budget, the budget, spend and remaining
+/// USD of each period the budget sets, and when that period began.
+fn budgets_json(lines: &[BudgetLine], now: f64) -> serde_json::Value {
+    let bots: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            let mut bot = serde_json::Map::new();
+            bot.insert("channel".into(), json!(l.channel));
+            bot.insert("budget_from".into(), json!(if l.explicit { l.channel.as_str() } else { WILDCARD }));
+            for period in Period::ALL {
+                let value = match l.budget.of(period) {
+                    Some(budget) => {
+                        let spend = l.spend.of(period);
+                        json!({
+                            "since": format_time(period.start(now)),
+                            "budget_usd": budget,
+                            "spend_usd": spend,
+                            "remaining_usd": (budget - spend).max(0.0),
+                            "used_ratio": spend / budget,
+                        })
+                    }
+                    None => serde_json::Value::Null,
+                };
+                bot.insert(period.as_str().into(), value);
+            }
+            serde_json::Value::Object(bot)
+        })
+        .collect();
+    json!({ "budgets": bots })
+}
+
 fn bots_json(state: &Mutex<State>) -> serde_json::Value {
     let now = unix_now();
-    let bots: Vec<_> = bot_rows(state)
+    let bots: Vec<_> = bot_views(state)
         .into_iter()
-        .map(|b| {
+        .map(|v| {
+            let b = &v.bot;
             let features: serde_json::Map<_, _> = b.features.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            // Absent until the sampler has looked at the process; never for
+            // a pid the exporter cannot see (another pid namespace).
+            let process = b.process.map(|p| {
+                json!({
+                    "alive": p.alive,
+                    "cpu_seconds": State::cpu_seconds_total(b),
+                    "cpu_percent": p.cpu_percent,
+                    "rss_bytes": p.rss_bytes,
+                })
+            });
             json!({
                 "channel": b.channel,
                 "pid": b.pid,
                 "status": b.status.as_str(),
+                "status_since": format_time(b.status_since),
+                "status_age_seconds": (now - b.status_since).max(0.0),
                 "features": features,
                 "registered_at": format_time(b.registered_at),
                 "last_heartbeat": format_time(b.last_heartbeat),
                 "heartbeat_age_seconds": (now - b.last_heartbeat).max(0.0),
                 "heartbeats": b.heartbeats,
                 "restarts": b.restarts,
+                "process": process,
+                "spend_today_usd": v.spend_today,
+                "budget_today_usd": v.budget_today,
             })
         })
         .collect();

@@ -10,8 +10,10 @@
 //! - [`schema`]: inspect, back up, migrate and read back a file.
 //! - [`writer`]: the writer loop, reopening, retention.
 //! - [`usage`]: the `/api/usage` sums.
+//! - [`spend`]: the spend per channel since the start of the day and month, for budgets.
 
 pub(crate) mod schema;
+pub mod spend;
 pub mod usage;
 mod writer;
 

@@ -114,7 +114,7 @@ pub enum Stopped {
 
 /// A text-like value as a string, whatever its storage class: a legacy
 /// file may hold a channel id as an integer.
-fn key(v: ValueRef<'_>) -> String {
+pub(crate) fn key(v: ValueRef<'_>) -> String {
     match v {
         ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
         ValueRef::Integer(i) => i.to_string(),
@@ -202,7 +202,7 @@ struct Sums {
 
 /// A number column as f64, whatever its storage class (legacy rows may hold
 /// numbers as text); anything else counts as zero.
-fn number(v: ValueRef<'_>) -> f64 {
+pub(crate) fn number(v: ValueRef<'_>) -> f64 {
     match v {
         ValueRef::Integer(i) => i as f64,
         ValueRef::Real(f) => f,

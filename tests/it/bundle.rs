@@ -114,6 +114,8 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_llm_request_duration_seconds",
     "kissbot_llm_time_to_first_token_seconds",
     "kissbot_llm_unpriced_requests_total",
+    "kissbot_llm_budget_usd",
+    "kissbot_llm_spend_usd",
     "kissbot_exporter_build_info",
     "kissbot_exporter_messages_total",
     "kissbot_exporter_messages_rejected_total",

@@ -158,10 +158,16 @@ impl Fleet {
         let pricing = tempfile::tempdir().expect("temp dir for the pricing file");
         let prices = pricing.path().join("prices.toml");
         std::fs::write(&prices, PRICES).expect("write the pricing file");
+        // Budgets large enough that no budget alert fires, so that the
+        // budget panels and families have data.
+        let budgets = pricing.path().join("budgets.toml");
+        std::fs::write(&budgets, "[[budget]]\nchannel = \"*\"\ndaily_usd = 100000.0\nmonthly_usd = 1000000.0\n")
+            .expect("write the budgets file");
         let exporter = Exporter::start(&[
             "--sampler.interval=200ms",
             "--heartbeat.stale-after=2s",
             &format!("--pricing.file={}", prices.display()),
+            &format!("--budgets.file={}", budgets.display()),
         ]);
         let bot = python_bot(&exporter.socket, PY_BOT);
         exporter.wait_metric(&format!(r#"kissbot_bot_process_alive{{channel="{PY_BOT}"}}"#), 1.0);

@@ -53,9 +53,17 @@ fn every_metric_family_is_documented_in_metrics_md() {
     let tmp = tempfile::tempdir().unwrap();
     let pricing = tmp.path().join("prices.toml");
     std::fs::write(&pricing, "unknown_models = \"unpriced\"\n").unwrap();
+    // The budget families exist only with a budgets file.
+    let budgets = tmp.path().join("budgets.toml");
+    std::fs::write(&budgets, "[[budget]]\nchannel = \"*\"\ndaily_usd = 1.0\n").unwrap();
     let e = Exporter::start_in(
         tmp.path(),
-        &[&format!("--pricing.file={}", pricing.display()), "--sampler.interval=200ms", "--db.retention=0"],
+        &[
+            &format!("--pricing.file={}", pricing.display()),
+            &format!("--budgets.file={}", budgets.display()),
+            "--sampler.interval=200ms",
+            "--db.retention=0",
+        ],
     );
     // This test process is the bot: its own pid, sent over its own
     // connection, so the sampler reads it and the process series appear.

@@ -158,11 +158,17 @@ struct Host {
 
 impl Host {
     fn start(ip: Ipv4Addr, prices: &Path) -> Host {
+        // Budgets large enough that no budget alert fires, so that the
+        // dashboard's budget panels have data.
+        let budgets = prices.with_file_name("budgets.toml");
+        std::fs::write(&budgets, "[[budget]]\nchannel = \"*\"\ndaily_usd = 100000.0\nmonthly_usd = 1000000.0\n")
+            .expect("write the budgets file");
         let exporter = Exporter::start(&[
             &format!("--web.listen-address={ip}:0"),
             "--heartbeat.stale-after=2s",
             "--sampler.interval=200ms",
             &format!("--pricing.file={}", prices.display()),
+            &format!("--budgets.file={}", budgets.display()),
         ]);
         let instance = exporter.addr.to_string();
         assert!(instance.starts_with(&format!("{ip}:")), "the exporter listens on {instance}, not on {ip}");

@@ -9,6 +9,7 @@ mod bundle_support;
 mod common;
 mod servers;
 
+mod budgets;
 mod bundle;
 mod bundle_e2e;
 mod client;
@@ -23,6 +24,7 @@ mod genai;
 mod golden;
 mod hostile;
 mod http_security;
+mod landing;
 mod legacy_db;
 mod links;
 mod listen;
