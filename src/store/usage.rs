@@ -68,7 +68,10 @@ pub struct UsageGroup {
     pub estimated_cost_usd: f64,
     /// Rows whose cost was estimated from the price table.
     pub estimated_requests: i64,
-    /// Rows without a cost whose model the price table does not name.
+    /// Calls whose model the price table does not name and whose cost the
+    /// bot did not report: rows stored without a cost for such a model, and
+    /// rows priced at the default price (`cost_source = 'fallback'`), as
+    /// `kissbot_llm_unpriced_requests_total` counts them.
     pub unpriced_requests: i64,
     /// Calls reported as failed.
     pub errors: i64,
@@ -189,6 +192,8 @@ pub const MAX_GROUPS: usize = 100_000;
 /// Sums of the rows of one (group, model) pair.
 #[derive(Default)]
 struct Sums {
+    /// Rows priced at the default price.
+    fallback: i64,
     requests: i64,
     tokens_in: f64,
     tokens_out: f64,
@@ -219,7 +224,7 @@ fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
     // several times the scan itself. Rows without a cost are summed apart,
     // per model, so they can be priced from the table afterwards.
     let sql =
-        format!("SELECT {col}, model, tokens_in, tokens_out, cost_usd, tokens_cached, status FROM llm_usage {filter}");
+        format!("SELECT {col}, model, tokens_in, tokens_out, cost_usd, tokens_cached, status, cost_source FROM llm_usage {filter}");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = match q.since {
         Some(since) => stmt.query([since])?,
@@ -251,6 +256,11 @@ fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
             }
             v => s.cost += number(v),
         }
+        // A call priced at the default price is an unknown model too, as
+        // `kissbot_llm_unpriced_requests_total` counts it.
+        if let ValueRef::Text(b"fallback") = r.get_ref(7)? {
+            s.fallback += 1;
+        }
     }
     let mut groups: std::collections::HashMap<String, UsageGroup> = std::collections::HashMap::new();
     for ((k, model), s) in sums {
@@ -260,6 +270,7 @@ fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
         g.tokens_out += s.tokens_out as i64;
         g.cost_usd += s.cost;
         g.errors += s.errors;
+        g.unpriced_requests += s.fallback;
         if s.without_cost > 0 {
             match q.pricing.table_price(&model) {
                 Some(p) => {

@@ -186,6 +186,15 @@ fn default_pricing_labels_an_unknown_model_as_fallback_and_counts_it_unpriced() 
     let source: String =
         e.db().query_row("SELECT cost_source FROM llm_usage WHERE model = 'mystery-9000'", [], |r| r.get(0)).unwrap();
     assert_eq!(source, "fallback");
+    // /api/usage counts it unpriced as the metric does, with its fallback cost.
+    let (status, _, body) = e.get("/api/usage?group_by=model");
+    assert_eq!(status, 200);
+    let usage: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mystery = usage["groups"].as_array().unwrap().iter().find(|g| g["key"] == "mystery-9000").unwrap().clone();
+    assert_eq!(mystery["unpriced_requests"], 1, "{mystery}");
+    assert!(close(mystery["cost_usd"].as_f64().unwrap(), 3.0), "{mystery}");
+    let gpt4 = usage["groups"].as_array().unwrap().iter().find(|g| g["key"] == "gpt-4").unwrap().clone();
+    assert_eq!(gpt4["unpriced_requests"], 0, "{gpt4}");
 }
 
 #[test]
