@@ -33,6 +33,7 @@ pub const MILLIS_THRESHOLD: f64 = 1e11;
 ///   as UTC: the legacy monitor wrote UTC (`datetime.now(timezone.utc)` and
 ///   SQLite's `CURRENT_TIMESTAMP`), so a naive string is UTC without its suffix;
 /// - a space-separated time with an offset (`2025-11-24 16:00:00-05:00`);
+/// - a date alone (`2025-11-24`), midnight UTC;
 /// - a Unix number, seconds or (above [`MILLIS_THRESHOLD`]) milliseconds.
 ///
 /// The SQL twin of this function is `store::schema::TS_SECONDS`; the two
@@ -51,6 +52,9 @@ pub fn parse_time(s: &str) -> Option<f64> {
         if let Ok(t) = DateTime::parse_from_str(s, fmt) {
             return Some(t.timestamp_micros() as f64 / 1e6);
         }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp() as f64);
     }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         let n: f64 = s.parse().ok()?;
@@ -74,6 +78,7 @@ mod tests {
         assert!((parse_time("2025-11-24 11:00:00-05:00").unwrap() - 1_764_000_000.0).abs() < 1e-6);
         assert!((parse_time("2025-11-24T11:00:00-05:00").unwrap() - 1_764_000_000.0).abs() < 1e-6);
         assert!((parse_time("2025-11-24T16:00:00Z").unwrap() - 1_764_000_000.0).abs() < 1e-6);
+        assert_eq!(parse_time("2025-11-24"), Some(1_763_942_400.0));
         assert_eq!(parse_time("1764000000"), Some(1_764_000_000.0));
         assert_eq!(parse_time("1764000000.5"), Some(1_764_000_000.5));
         assert_eq!(parse_time("1764000000000"), Some(1_764_000_000.0));

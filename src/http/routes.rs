@@ -211,7 +211,8 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
         match k.as_str() {
             "since" => match crate::config::parse_duration(&v) {
                 Ok(d) => since = Some(unix_now() - d.as_secs_f64()),
-                Err(_) => match parse_time(&v) {
+                // A `+` of an offset written unescaped arrives as a space.
+                Err(_) => match parse_time(&v).or_else(|| parse_time(&v.replacen(' ', "+", 1))) {
                     Some(t) => since = Some(t),
                     None => {
                         return bad_request(&format!("since={v:?} is neither a duration (24h) nor an ISO-8601 time"))

@@ -426,6 +426,7 @@ mod tests {
             "1764000000",
             "1764000000.25",
             "1764000000000",
+            "2025-11-24",
         ];
         for t in texts {
             conn.execute("INSERT INTO t(ts) VALUES (?1)", [t]).unwrap();

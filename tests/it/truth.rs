@@ -192,6 +192,12 @@ fn legacy_time_formats_are_counted_and_retained_by_their_real_time() {
     assert_eq!(by["offset"], 24);
     assert_eq!(by["number"], 24);
     assert_eq!(by["12345"], 1);
+    // A `+` left unescaped (it arrives as a space) and a date alone work too.
+    for since in ["2020-01-01T00:00:00+00:00", "2020-01-01"] {
+        let (status, _, body) = e.get(&format!("/api/usage?since={since}&group_by=channel"));
+        assert_eq!(status, 200, "{since}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(json(&body)["total"]["requests"], young, "{since}");
+    }
     let (status, _, body) = e.get("/api/usage?since=90m&group_by=channel");
     assert_eq!(status, 200);
     // Rows at 30 and 90 minutes: the 90-minute ones are on the boundary, so
