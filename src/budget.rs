@@ -3,7 +3,7 @@
 //!
 //! The spend is read from `llm_usage` once at start (so a restart does not
 //! reset it), then kept current from each call's cost, and set back to zero
-//! when a period begins. Like [`crate::state::State`], which owns it, the
+//! when a period begins. Like the state machine, which owns it, the
 //! tracker has no clock and no I/O: time is an argument.
 
 use std::collections::HashMap;

@@ -34,7 +34,7 @@ pub const MILLIS_THRESHOLD: f64 = 1e11;
 ///   SQLite's `CURRENT_TIMESTAMP`), so a naive string is UTC without its suffix;
 /// - a space-separated time with an offset (`2025-11-24 16:00:00-05:00`);
 /// - a date alone (`2025-11-24`), midnight UTC;
-/// - a Unix number, seconds or (above [`MILLIS_THRESHOLD`]) milliseconds.
+/// - a Unix number, seconds or (above `MILLIS_THRESHOLD`) milliseconds.
 ///
 /// The SQL twin of this function is `store::schema::TS_SECONDS`; the two
 /// must agree, and a test checks that they do.

@@ -92,14 +92,14 @@ pub struct LlmUsage {
     /// or an `error_type` without a `status`).
     pub error: bool,
     /// The sender's trace id for the call, when given: at most
-    /// [`MAX_TRACE_ID_BYTES`] of `[0-9A-Za-z_-]`. It becomes the exemplar of
+    /// `MAX_TRACE_ID_BYTES` of `[0-9A-Za-z_-]`. It becomes the exemplar of
     /// the call's latency bucket, linking the metric to the trace.
     pub trace_id: Option<String>,
     /// Time to the first token in milliseconds, when the sender streamed the
     /// answer and measured it.
     pub ttft_ms: Option<f64>,
     /// Why the call failed: `Some` exactly when `error` is true, and
-    /// [`ErrorType::Other`] when the sender did not say why.
+    /// `ErrorType::Other` when the sender did not say why.
     pub error_type: Option<ErrorType>,
 }
 

@@ -26,7 +26,7 @@ use crate::row::RestoredBot;
 ///
 /// - 0: a legacy file (the Python monitor or the bots' usage logger).
 /// - 1: columns for cost, provider, cache and status; time indexes on `ts` text.
-/// - 2: time indexes on the instant a `ts` means ([`TS_SECONDS`]), not its text.
+/// - 2: time indexes on the instant a `ts` means (`TS_SECONDS`), not its text.
 /// - 3: `llm_usage.ttft_ms` and `llm_usage.error_type`, both nullable. Adding
 ///   them needs a new version because the migration runs only for files
 ///   older than this build's.
