@@ -282,36 +282,6 @@ impl Format {
             Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
         }
     }
-
-    /// The format a scraper's `Accept` header asks for, honouring q-values:
-    /// OpenMetrics when `application/openmetrics-text` is acceptable at
-    /// least as much as the text format (`text/plain`, `text/*` or `*/*`),
-    /// the text format otherwise — and always without the header.
-    pub fn negotiate(accept: Option<&str>) -> Format {
-        let Some(accept) = accept else { return Format::Text };
-        let (mut open_metrics, mut text) = (0.0f64, 0.0f64);
-        for item in accept.split(',') {
-            let mut parts = item.split(';');
-            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let q = parts
-                .filter_map(|p| {
-                    let (k, v) = p.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("q").then(|| v.trim().parse::<f64>().ok()).flatten()
-                })
-                .next()
-                .unwrap_or(1.0);
-            match media.as_str() {
-                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
-                "text/plain" | "text/*" | "*/*" => text = text.max(q),
-                _ => {}
-            }
-        }
-        if open_metrics > 0.0 && open_metrics >= text {
-            Format::OpenMetrics
-        } else {
-            Format::Text
-        }
-    }
 }
 
 /// The buffer a render writes to, and the format it writes. The text and
@@ -757,20 +727,6 @@ fn render_histograms(out: &mut Body<'_>, name: &str, help: &str, histograms: &[(
 mod tests {
     use super::*;
     use crate::state::{Exemplar, Latency};
-
-    #[test]
-    fn negotiates_openmetrics_by_q_value() {
-        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(Some("application/openmetrics-text")), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(Some("text/plain, Application/OpenMetrics-Text")), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(Some("text/plain;q=0.5,application/openmetrics-text;q=0.5")), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(Some("application/openmetrics-text;q=0.5,text/plain")), Format::Text);
-        assert_eq!(Format::negotiate(Some("application/openmetrics-text;q=0, */*")), Format::Text);
-        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
-        assert_eq!(Format::negotiate(Some("")), Format::Text);
-        assert_eq!(Format::negotiate(None), Format::Text);
-    }
 
     #[test]
     fn openmetrics_rendering() {

@@ -121,13 +121,12 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
     }
 }
 
-/// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
-/// `gzip;q=0` refuses it, and `*` stands for it when gzip is not named.
-pub fn accepts_gzip(header: &str) -> bool {
-    let mut star = None;
-    for item in header.split(',') {
+/// The items of a header such as `Accept` or `Accept-Encoding`, lower-cased,
+/// each with its q-value (1 when it has none).
+fn weighted(header: &str) -> impl Iterator<Item = (String, f64)> + '_ {
+    header.split(',').map(|item| {
         let mut parts = item.split(';');
-        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = parts
             .filter_map(|p| {
                 let (k, v) = p.split_once('=')?;
@@ -135,6 +134,15 @@ pub fn accepts_gzip(header: &str) -> bool {
             })
             .next()
             .unwrap_or(1.0);
+        (name, q)
+    })
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
+/// `gzip;q=0` refuses it, and `*` stands for it when gzip is not named.
+pub fn accepts_gzip(header: &str) -> bool {
+    let mut star = None;
+    for (coding, q) in weighted(header) {
         match coding.as_str() {
             "gzip" | "x-gzip" => return q > 0.0,
             "*" => star = Some(q > 0.0),
@@ -144,10 +152,31 @@ pub fn accepts_gzip(header: &str) -> bool {
     star.unwrap_or(false)
 }
 
+/// The format a scraper's `Accept` header asks for, honouring q-values:
+/// OpenMetrics when `application/openmetrics-text` is acceptable at least
+/// as much as the text format (`text/plain`, `text/*` or `*/*`), the text
+/// format otherwise — and always without the header.
+fn negotiate(accept: Option<&str>) -> Format {
+    let Some(accept) = accept else { return Format::Text };
+    let (mut open_metrics, mut text) = (0.0f64, 0.0f64);
+    for (media, q) in weighted(accept) {
+        match media.as_str() {
+            "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    if open_metrics > 0.0 && open_metrics >= text {
+        Format::OpenMetrics
+    } else {
+        Format::Text
+    }
+}
+
 async fn metrics(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let arrived = Instant::now();
     let gzip = req.headers().get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(accepts_gzip);
-    let format = Format::negotiate(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
+    let format = negotiate(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
     match app.scrapes.get(&app.metrics, &app.state, arrived, gzip, format).await {
         Ok(body) => {
             let mut r = response(StatusCode::OK, format.content_type(), body);
@@ -387,7 +416,22 @@ fn bots_json(state: &Mutex<State>) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::accepts_gzip;
+    use super::{accepts_gzip, negotiate};
+    use crate::metrics::Format;
+
+    #[test]
+    fn negotiates_openmetrics_by_q_value() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("application/openmetrics-text")), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("text/plain, Application/OpenMetrics-Text")), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("text/plain;q=0.5,application/openmetrics-text;q=0.5")), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("application/openmetrics-text;q=0.5,text/plain")), Format::Text);
+        assert_eq!(negotiate(Some("application/openmetrics-text;q=0, */*")), Format::Text);
+        assert_eq!(negotiate(Some("*/*")), Format::Text);
+        assert_eq!(negotiate(Some("")), Format::Text);
+        assert_eq!(negotiate(None), Format::Text);
+    }
 
     #[test]
     fn gzip_q_values() {
