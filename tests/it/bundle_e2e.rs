@@ -40,7 +40,7 @@ use crate::bundle_support::{
 };
 use crate::common::{metric_value, wait_until, Exporter};
 use crate::servers::{
-    alertmanager_alerts, find_alert, free_addr, http, poll, replace_all, set_yaml_values, start_alertmanager,
+    alertmanager_alerts, find_alert, free_addr, http, poll, poll_all, replace_all, set_yaml_values, start_alertmanager,
     url_encode, write_rules, Server,
 };
 
@@ -610,29 +610,10 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
 
     // Every dashboard query returns data (rates need a few scrapes).
     let allowed = |c: &Check| NO_DATA_IN_A_HEALTHY_FLEET.iter().any(|(f, t, _)| *f == c.file && *t == c.title);
-    let mut pending: Vec<&Check> = checks.iter().filter(|c| !allowed(c)).collect();
-    let mut last_error = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !pending.is_empty() {
-        last_error.clear();
-        pending.retain(|c| match has_data(&prom, c) {
-            Ok(_) => false,
-            Err(e) => {
-                last_error.push(format!("{} / {}: {}\n    => {e}", c.file, c.title, c.promql));
-                true
-            }
-        });
-        if pending.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} dashboard queries returned no data within 40 s:\n  {}",
-            pending.len(),
-            last_error.join("\n  ")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let expected: Vec<&Check> = checks.iter().filter(|c| !allowed(c)).collect();
+    poll_all("dashboard queries returned no data", &expected, Duration::from_secs(40), |c| {
+        has_data(&prom, c).map(|_| ()).map_err(|e| format!("{} / {}: {}\n    => {e}", c.file, c.title, c.promql))
+    });
     let dashboards_done = started.elapsed();
 
     // The dead man's switch reaches Alertmanager and its receiver.

@@ -45,8 +45,8 @@ use crate::bundle_support::{
 };
 use crate::common::Exporter;
 use crate::servers::{
-    alertmanager_alerts, free_addr, poll, replace_all, set_yaml_values, start_alertmanager, url_encode, write_rules,
-    Server,
+    alertmanager_alerts, free_addr, poll, poll_all, replace_all, set_yaml_values, start_alertmanager, url_encode,
+    write_rules, Server,
 };
 
 /// The scrape job of `deploy/fleet/prometheus/prometheus.yml`.
@@ -524,49 +524,26 @@ fn a_fleet_of_two_hosts_with_prometheus_victoriametrics_and_alertmanager() {
 
     // 2. Every dashboard query against VictoriaMetrics, for host A.
     let checks = dashboard_checks(&a.instance);
-    let mut pending: Vec<&Check> = checks.iter().collect();
-    let mut last_error = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !pending.is_empty() {
-        last_error.clear();
-        pending.retain(|c| {
-            let data = match vm.query(&c.promql) {
-                Ok(d) => d,
-                Err(e) => {
-                    last_error.push(format!("{}: {e}", c.origin));
-                    return true;
-                }
-            };
-            let s = samples(&data);
-            // Whatever it returns is about host A, or about the whole fleet.
-            for (metric, _) in s.iter().filter(|_| !c.fleet_wide) {
-                let instance = metric.get("instance").and_then(Value::as_str);
-                assert!(
-                    instance.is_none_or(|i| i == a.instance),
-                    "{}: with $instance = {}, VictoriaMetrics returned a series of {instance:?}:\n{}\n{data}",
-                    c.origin,
-                    a.instance,
-                    c.promql
-                );
-            }
-            if s.iter().any(|(_, v)| v.is_finite()) {
-                false
-            } else {
-                last_error.push(format!("{}: no finite sample\n    {}\n    => {data}", c.origin, c.promql));
-                true
-            }
-        });
-        if pending.is_empty() {
-            break;
+    poll_all("dashboard queries returned no data from VictoriaMetrics", &checks, Duration::from_secs(30), |c| {
+        let data = vm.query(&c.promql).map_err(|e| format!("{}: {e}", c.origin))?;
+        let s = samples(&data);
+        // Whatever it returns is about host A, or about the whole fleet.
+        for (metric, _) in s.iter().filter(|_| !c.fleet_wide) {
+            let instance = metric.get("instance").and_then(Value::as_str);
+            assert!(
+                instance.is_none_or(|i| i == a.instance),
+                "{}: with $instance = {}, VictoriaMetrics returned a series of {instance:?}:\n{}\n{data}",
+                c.origin,
+                a.instance,
+                c.promql
+            );
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} dashboard queries returned no data from VictoriaMetrics within 30 s:\n  {}",
-            pending.len(),
-            last_error.join("\n  ")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        if s.iter().any(|(_, v)| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(format!("{}: no finite sample\n    {}\n    => {data}", c.origin, c.promql))
+        }
+    });
     let dashboards_done = started.elapsed();
 
     // The store has the alerts' history too (Prometheus writes the ALERTS

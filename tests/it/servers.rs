@@ -47,6 +47,29 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, S
     }
 }
 
+/// Checks every item every 250 ms until each has passed once, or panics
+/// after `timeout` with the last error of each item still failing. An
+/// item's check returns `Err(why)` while it does not pass yet.
+pub fn poll_all<T>(what: &str, items: &[T], timeout: Duration, mut check: impl FnMut(&T) -> Result<(), String>) {
+    let mut pending: Vec<&T> = items.iter().collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut errors = Vec::new();
+        pending.retain(|item| match check(*item) {
+            Ok(()) => false,
+            Err(e) => {
+                errors.push(e);
+                true
+            }
+        });
+        if pending.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} {what} within {timeout:?}:\n  {}", pending.len(), errors.join("\n  "));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A plain HTTP/1.0 request (no keep-alive, no chunking); status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
