@@ -40,8 +40,8 @@ use crate::bundle_support::{
 };
 use crate::common::{metric_value, wait_until, Exporter};
 use crate::servers::{
-    alertmanager_alerts, find_alert, free_addr, http, poll, poll_all, replace_all, set_yaml_values, start_alertmanager,
-    url_encode, write_rules, Server,
+    alertmanager_alerts, find_alert, free_addr, http, poll, poll_all, prometheus_command, replace_all, set_yaml_values,
+    start_alertmanager, url_encode, write_rules, Server,
 };
 
 // ---------------------------------------------------------------------------
@@ -498,18 +498,12 @@ fn start_prometheus(binary: &Path, exporter: SocketAddr, alertmanager: SocketAdd
     let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
     let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
     let config = replace_all(&config, "/etc/prometheus/rules/", &format!("{}/", rules.display()), FILE);
-    let config_path = dir.path().join("prometheus.yml");
-    std::fs::write(&config_path, config).expect("write prometheus.yml");
-
-    let mut cmd = Command::new(binary);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-        .arg(format!("--web.listen-address={addr}"))
-        // Prometheus finds the Alertmanager a few seconds after it starts
-        // (service discovery updates are throttled to 5 s); an alert that
-        // fires before that is dropped and by default sent again only after
-        // a minute. Resend every second instead.
-        .arg("--rules.alert.resend-delay=1s");
+    let (mut cmd, _) = prometheus_command(binary, dir.path(), addr, &config);
+    // Prometheus finds the Alertmanager a few seconds after it starts
+    // (service discovery updates are throttled to 5 s); an alert that
+    // fires before that is dropped and by default sent again only after
+    // a minute. Resend every second instead.
+    cmd.arg("--rules.alert.resend-delay=1s");
     Server::spawn("prometheus", cmd, addr, dir)
 }
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::bundle_support::{strict, which};
 use crate::common::Exporter;
-use crate::servers::{free_addr, poll, url_encode, Server};
+use crate::servers::{free_addr, poll, prometheus_command, url_encode, Server};
 
 /// The `Accept` header Prometheus sends by default.
 const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
@@ -161,13 +161,8 @@ fn real_prometheus_stores_the_exemplars() {
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: kissbot\n    static_configs:\n      - targets: ['{}']\n",
         e.addr
     );
-    let config_path = dir.path().join("prometheus.yml");
-    std::fs::write(&config_path, config).expect("write prometheus.yml");
-    let mut cmd = Command::new(binary);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-        .arg(format!("--web.listen-address={addr}"))
-        .arg("--enable-feature=exemplar-storage");
+    let (mut cmd, _) = prometheus_command(&binary, dir.path(), addr, &config);
+    cmd.arg("--enable-feature=exemplar-storage");
     let prometheus = Server::spawn("prometheus", cmd, addr, dir);
 
     // A bot too, so that Prometheus parses every kind of family as

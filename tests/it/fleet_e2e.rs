@@ -45,8 +45,8 @@ use crate::bundle_support::{
 };
 use crate::common::Exporter;
 use crate::servers::{
-    alertmanager_alerts, free_addr, poll, poll_all, replace_all, set_yaml_values, start_alertmanager, url_encode,
-    write_rules, Server,
+    alertmanager_alerts, free_addr, poll, poll_all, prometheus_command, replace_all, set_yaml_values,
+    start_alertmanager, url_encode, write_rules, Server,
 };
 
 /// The scrape job of `deploy/fleet/prometheus/prometheus.yml`.
@@ -296,19 +296,14 @@ fn start_prometheus(tools: &Tools, work: &Path, victoria_metrics: SocketAddr, al
     );
     let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
     let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
-    let config_path = dir.path().join("prometheus.yml");
-    std::fs::write(&config_path, config).expect("write prometheus.yml");
+    let (mut cmd, config_path) = prometheus_command(&tools.prometheus, dir.path(), addr, &config);
     // promtool reads the rule files and every file_sd file the config names.
     let out = Command::new(&tools.promtool).arg("check").arg("config").arg(&config_path).output().expect("promtool");
     assert!(out.status.success(), "promtool check config:\n{}", String::from_utf8_lossy(&out.stdout));
 
-    let mut cmd = Command::new(&tools.prometheus);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-        .arg(format!("--web.listen-address={addr}"))
-        // Alerts that fire before Prometheus has found the Alertmanager are
-        // sent again after a second instead of a minute.
-        .arg("--rules.alert.resend-delay=1s");
+    // Alerts that fire before Prometheus has found the Alertmanager are
+    // sent again after a second instead of a minute.
+    cmd.arg("--rules.alert.resend-delay=1s");
     Server::spawn("prometheus", cmd, addr, dir)
 }
 

@@ -47,6 +47,19 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, S
     }
 }
 
+/// Writes `config` as `dir/prometheus.yml` and returns it with the command
+/// that runs Prometheus on it: data in `dir/data`, HTTP on `addr`. Callers
+/// add their own flags and hand the command to [`Server::spawn`].
+pub fn prometheus_command(binary: &Path, dir: &Path, addr: SocketAddr, config: &str) -> (Command, std::path::PathBuf) {
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config).expect("write prometheus.yml");
+    let mut cmd = Command::new(binary);
+    cmd.arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={addr}"));
+    (cmd, config_path)
+}
+
 /// Checks every item every 250 ms until each has passed once, or panics
 /// after `timeout` with the last error of each item still failing. An
 /// item's check returns `Err(why)` while it does not pass yet.
