@@ -31,6 +31,23 @@ CREATE INDEX idx_llm_usage_channel_ts ON llm_usage(channel, ts);
 CREATE INDEX idx_llm_usage_model ON llm_usage(model);
 ";
 
+/// A real bot process: a Python child that registers itself over the socket
+/// (so the socket's peer is the very pid it reports and the exporter samples
+/// it), then runs `then` (Python, with `time` imported).
+pub fn python_bot_then(socket: &Path, channel: &str, then: &str) -> Child {
+    let script = format!(
+        r#"
+import json, os, socket, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect({socket:?})
+s.sendall((json.dumps({{"type": "register", "channel": {channel:?}, "pid": os.getpid(), "features": {{"llm": True}}}}) + "\n").encode())
+s.close()
+{then}"#,
+        socket = socket.to_str().expect("a UTF-8 socket path"),
+    );
+    Command::new("python3").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("python3 runs")
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

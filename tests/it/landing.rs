@@ -74,21 +74,9 @@ fn dom(chromium: &Path, url: &str) -> String {
     run_chromium(chromium, &["--virtual-time-budget=4000", "--dump-dom", url])
 }
 
-/// A real bot process that registers itself over the socket (so its pid is
-/// verified and sampled), then exits without unregistering.
+/// A real bot process that registers itself, then exits without unregistering.
 fn short_lived_bot(socket: &Path, channel: &str) -> Child {
-    let script = format!(
-        r#"
-import json, os, socket, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect({socket:?})
-s.sendall((json.dumps({{"type": "register", "channel": {channel:?}, "pid": os.getpid(), "features": {{"llm": True}}}}) + "\n").encode())
-s.close()
-time.sleep(1.5)
-"#,
-        socket = socket.to_str().unwrap(),
-    );
-    Command::new("python3").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("python3 runs")
+    python_bot_then(socket, channel, "time.sleep(1.5)\n")
 }
 
 /// The `data-channel` of every row of the bots table, in order, and

@@ -4,29 +4,14 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// A real bot process: a Python child that registers itself over the socket
-/// (so the socket's peer is the very pid it reports) and then idles.
+/// A Python bot that burns a little CPU, then idles until killed.
 fn python_bot(socket: &Path, channel: &str) -> Child {
-    let script = format!(
-        r#"
-import json, os, socket, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect({socket:?})
-s.sendall((json.dumps({{"type": "register", "channel": {channel:?}, "pid": os.getpid(), "features": {{"llm": True}}}}) + "\n").encode())
-s.close()
-x = 0
-for i in range(200000):
-    x += i * i
-time.sleep(600)
-"#,
-        socket = socket.to_str().unwrap(),
-    );
-    Command::new("python3").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("python3 runs")
+    python_bot_then(socket, channel, "x = 0\nfor i in range(200000):\n    x += i * i\ntime.sleep(600)\n")
 }
 
 #[test]
