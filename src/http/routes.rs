@@ -57,65 +57,35 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
     }
     match path {
         "/" => {
-            // Like /metrics, these walk every bot: off the runtime's workers.
-            if app.scrapes.over_budget(0) {
-                return busy("landing page");
-            }
             let state = app.state.clone();
             let (socket, path) = (app.socket_path.clone(), app.telemetry_path.clone());
             let filter = filter_of(req.uri().query().unwrap_or(""));
-            match tokio::task::spawn_blocking(move || landing_page(&state, &socket, &path, &filter)).await {
-                Ok(html) => {
-                    response(StatusCode::OK, "text/html; charset=utf-8", app.scrapes.account(html.into_bytes()))
-                }
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
-            }
+            large_page(app, "landing page", "text/html; charset=utf-8", move || {
+                landing_page(&state, &socket, &path, &filter)
+            })
+            .await
         }
         "/health" => health(app),
         "/healthz" | "/health/live" => text(StatusCode::OK, "ok\n"),
         // As Prometheus and its exporters answer them.
         "/-/healthy" => text(StatusCode::OK, "kissbot-exporter is Healthy.\n"),
-        "/-/ready" => {
-            if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
-                text(StatusCode::OK, "kissbot-exporter is Ready.\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n")
-            }
-        }
-        "/health/ready" => {
-            if app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
-        }
+        "/-/ready" if ready(app) => text(StatusCode::OK, "kissbot-exporter is Ready.\n"),
+        "/-/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n"),
+        "/health/ready" if ready(app) => text(StatusCode::OK, "ready\n"),
+        "/health/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/api/bots" => {
-            if app.scrapes.over_budget(0) {
-                return busy("bots list");
-            }
             let state = app.state.clone();
-            match tokio::task::spawn_blocking(move || bots_json(&state).to_string()).await {
-                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
-            }
+            large_page(app, "bots list", "application/json", move || bots_json(&state).to_string()).await
         }
         "/api/usage" => usage(app, req.uri().query().unwrap_or("")).await,
         "/api/budgets" => {
-            // Up to one line per bot plus the file's entries: like the bots
-            // list, built off the runtime's workers and within the memory
-            // budget of large responses.
-            if app.scrapes.over_budget(0) {
-                return busy("budgets");
-            }
+            // Up to one line per bot plus the file's entries.
             let state = app.state.clone();
-            let build = move || {
+            large_page(app, "budgets", "application/json", move || {
                 let lines = state.lock().unwrap_or_else(|e| e.into_inner()).budget_lines();
                 budgets_json(&lines, unix_now()).to_string()
-            };
-            match tokio::task::spawn_blocking(build).await {
-                Ok(v) => response(StatusCode::OK, "application/json", app.scrapes.account(v.into_bytes())),
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
-            }
+            })
+            .await
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -136,6 +106,29 @@ fn weighted(header: &str) -> impl Iterator<Item = (String, f64)> + '_ {
             .unwrap_or(1.0);
         (name, q)
     })
+}
+
+/// Ready: the socket accepts connections and the database writer runs.
+fn ready(app: &App) -> bool {
+    app.socket_listening.load(Ordering::SeqCst) && app.writer.running.load(Ordering::SeqCst)
+}
+
+/// A page that walks every bot (the landing page, the bots list, the
+/// budgets): built off the runtime's workers, like /metrics, and counted in
+/// the memory budget of large responses — 503 while that budget is spent.
+async fn large_page(
+    app: &App,
+    what: &str,
+    content_type: &'static str,
+    build: impl FnOnce() -> String + Send + 'static,
+) -> Response<Full<Bytes>> {
+    if app.scrapes.over_budget(0) {
+        return busy(what);
+    }
+    match tokio::task::spawn_blocking(build).await {
+        Ok(body) => response(StatusCode::OK, content_type, app.scrapes.account(body.into_bytes())),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+    }
 }
 
 /// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
