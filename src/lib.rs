@@ -10,6 +10,7 @@
 //! - `ratelimit`: rate-limited log lines for bad input.
 //! - `reload`: re-reading the pricing file on SIGHUP and `POST /-/reload`.
 //! - `notify`: systemd readiness, stopping and watchdog notifications.
+//! - `own_thread`: work awaited from the runtime on a named thread of its own.
 //! - `lockfile`: the lock files that keep two exporters off one socket or database.
 //! - [`config`]: flags and environment variables (clap).
 //! - `ingest`: the Unix socket: safe bind, accept loop, per-connection line reader.
@@ -51,6 +52,7 @@ mod ingest;
 mod lockfile;
 mod metrics;
 mod notify;
+mod own_thread;
 mod pricing;
 mod ratelimit;
 mod reload;
@@ -174,11 +176,7 @@ impl Running {
         // handlers could have filled.
         drop(self.sink);
         let writer = self.writer;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new().name("kissbot-join".into()).spawn(move || {
-            let _ = done_tx.send(writer.join());
-        })?;
-        done_rx.await.map_err(|_| Error::WriterGone)??;
+        own_thread::spawn("kissbot-join", move || writer.join())?.await.ok_or(Error::WriterGone)??;
         drop(self.db_lock);
         if let Err(e) = self.http_task.await {
             warn!(error = %e, "http task failed");
@@ -288,11 +286,10 @@ async fn start_inner(
     let ws = writer_status.clone();
     let usage_ids = Arc::new(row::UsageIds::new());
     let ids = usage_ids.clone();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("kissbot-open".into()).spawn(move || {
-        let _ = done_tx.send(store::start(store_config, writer_metrics, ws, ids));
-    })?;
-    let (sink, restored, writer) = done_rx.await.map_err(|_| Error::WriterGone)??;
+    let (sink, restored, writer) =
+        own_thread::spawn("kissbot-open", move || store::start(store_config, writer_metrics, ws, ids))?
+            .await
+            .ok_or(Error::WriterGone)??;
 
     let mut state = State::new(
         StateConfig {
@@ -449,11 +446,8 @@ async fn read_spend(budgets: budget::Budgets, config: &Config, pricing: PriceTab
     let now = clock::unix_now();
     let (day, month) = (budget::Period::Day.start(now), budget::Period::Month.start(now));
     let (db, busy, max_other) = (config.db_path.clone(), config.db_busy_timeout, config.limits_max_bots);
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("kissbot-spend".into()).spawn(move || {
-        let _ = done_tx.send(store::spend::spend_since(&db, &pricing, day, month, busy));
-    })?;
-    let baseline = match done_rx.await.map_err(|_| Error::WriterGone)? {
+    let read = move || store::spend::spend_since(&db, &pricing, day, month, busy);
+    let baseline = match own_thread::spawn("kissbot-spend", read)?.await.ok_or(Error::WriterGone)? {
         Ok((spend, left_out)) => {
             if left_out > 0 {
                 warn!(rows = left_out, "too many channels in llm_usage this month; some spend was not read back");

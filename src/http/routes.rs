@@ -261,18 +261,20 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let _cancel_on_drop = CancelOnDrop(cancel.clone());
     let stopping = app.usage.stopping.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name("kissbot-usage".into()).spawn(move || {
+    let spawned = crate::own_thread::spawn("kissbot-usage", move || {
         let result = usage::usage_totals(&q, cancel, stopping);
         drop(permit);
-        let _ = tx.send(result);
+        result
     });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start a usage query thread");
-        return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "cannot start the query"}));
-    }
-    match rx.await {
-        Ok(Ok(groups)) => {
+    let query = match spawned {
+        Ok(query) => query,
+        Err(e) => {
+            warn!(error = %e, "cannot start a usage query thread");
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "cannot start the query"}));
+        }
+    };
+    match query.await {
+        Some(Ok(groups)) => {
             let mut total = UsageGroup::default();
             for g in &groups {
                 total.add(g);
@@ -287,21 +289,21 @@ async fn usage(app: &App, query: &str) -> Response<Full<Bytes>> {
                 }),
             )
         }
-        Ok(Err(UsageError::Stopped(usage::Stopped::Timeout))) => {
+        Some(Err(UsageError::Stopped(usage::Stopped::Timeout))) => {
             warn!(timeout = ?app.usage.timeout, "usage query stopped at its time limit");
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"error": format!("query took longer than --web.usage-query-timeout ({:?}); narrow it with since=", app.usage.timeout)}),
             )
         }
-        Ok(Err(UsageError::Stopped(usage::Stopped::Cancelled))) => {
+        Some(Err(UsageError::Stopped(usage::Stopped::Cancelled))) => {
             json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "query cancelled"}))
         }
-        Ok(Err(UsageError::Failed(e))) => {
+        Some(Err(UsageError::Failed(e))) => {
             warn!(error = %e, "usage query failed");
             json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": e.to_string()}))
         }
-        Err(_) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "usage query failed"})),
+        None => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "usage query failed"})),
     }
 }
 
