@@ -91,17 +91,7 @@ impl Sink {
             self.remember_unwritten(&row);
             return false;
         }
-        self.metrics.queue_depth.inc();
-        match self.tx.send(row) {
-            Ok(()) => true,
-            Err(mpsc::SendError(row)) => {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
-                self.metrics.queue_depth.dec();
-                self.metrics.dropped_closed.inc();
-                self.remember_unwritten(&row);
-                false
-            }
-        }
+        self.enqueue(row)
     }
 
     /// Queues a row even when the queue is full. Only for the shutdown flush,
@@ -110,13 +100,19 @@ impl Sink {
     /// file, and the writer drains the queue before it stops.
     pub fn send_final(&self, row: Row) -> bool {
         self.pending.fetch_add(1, Ordering::AcqRel);
+        self.enqueue(row)
+    }
+
+    /// Sends a row whose place in `pending` is already reserved.
+    fn enqueue(&self, row: Row) -> bool {
         self.metrics.queue_depth.inc();
         match self.tx.send(row) {
             Ok(()) => true,
-            Err(_) => {
+            Err(mpsc::SendError(row)) => {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.queue_depth.dec();
                 self.metrics.dropped_closed.inc();
+                self.remember_unwritten(&row);
                 false
             }
         }
