@@ -29,6 +29,20 @@ pub struct Price {
     pub cached_input: Option<f64>,
 }
 
+impl Price {
+    /// The cost in USD of calls with these token counts (sums of several
+    /// calls are fine); `tokens_cached` is the part of `tokens_in` served
+    /// from the cache. Dividing once, at the end, keeps results such as
+    /// 145 x $30 + 87 x $60 exactly the decimal people expect.
+    pub fn usd(&self, tokens_in: f64, tokens_cached: f64, tokens_out: f64) -> f64 {
+        let cached = tokens_cached.min(tokens_in);
+        let micro = (tokens_in - cached) * self.input
+            + cached * self.cached_input.unwrap_or(self.input)
+            + tokens_out * self.output;
+        micro / 1e6
+    }
+}
+
 /// Where the cost of a call came from; stored with every `llm_usage` row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CostSource {
@@ -290,16 +304,7 @@ impl PriceTable {
             None => (self.default, CostSource::Fallback),
         };
         match price {
-            Some(p) => {
-                let cached = tokens_cached.min(tokens_in);
-                let fresh = tokens_in - cached;
-                // Dividing once, at the end, keeps results such as
-                // 145 x $30 + 87 x $60 exactly the decimal people expect.
-                let micro = fresh as f64 * p.input
-                    + cached as f64 * p.cached_input.unwrap_or(p.input)
-                    + tokens_out as f64 * p.output;
-                (Some(micro / 1e6), source)
-            }
+            Some(p) => (Some(p.usd(tokens_in as f64, tokens_cached as f64, tokens_out as f64)), source),
             None => (None, CostSource::Unpriced),
         }
     }

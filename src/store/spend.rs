@@ -91,10 +91,7 @@ pub fn spend_since(
     }
     for ((channel, model), f) in free {
         let Some(p) = pricing.table_price(&model) else { continue };
-        let price = |[tin, tout, cached]: [f64; 3]| {
-            let cached = cached.min(tin);
-            ((tin - cached) * p.input + cached * p.cached_input.unwrap_or(p.input) + tout * p.output) / 1e6
-        };
+        let price = |[tin, tout, cached]: [f64; 3]| p.usd(tin, cached, tout);
         let s = spend.entry(channel).or_default();
         s.0 += price(f.day);
         s.1 += price(f.month);

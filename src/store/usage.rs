@@ -274,12 +274,9 @@ fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
         if s.without_cost > 0 {
             match q.pricing.table_price(&model) {
                 Some(p) => {
-                    let cached = s.free_cached.min(s.free_in);
-                    let micro = (s.free_in - cached) * p.input
-                        + cached * p.cached_input.unwrap_or(p.input)
-                        + s.free_out * p.output;
-                    g.cost_usd += micro / 1e6;
-                    g.estimated_cost_usd += micro / 1e6;
+                    let usd = p.usd(s.free_in, s.free_cached, s.free_out);
+                    g.cost_usd += usd;
+                    g.estimated_cost_usd += usd;
                     g.estimated_requests += s.without_cost;
                 }
                 None => g.unpriced_requests += s.without_cost,
