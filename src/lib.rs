@@ -239,16 +239,10 @@ async fn start_inner(
         info!(path = %p.display(), "pricing file loaded");
     }
     // Read before the database is opened, so a bad file is refused at once.
-    let budgets = config
-        .budgets_file
-        .as_deref()
-        .map(|p| {
-            let b = budget::Budgets::load(p)
-                .map_err(|e| Error::Config { what: "--budgets.file", reason: e.to_string() })?;
-            info!(path = %p.display(), budgets = b.len(), "budgets file loaded");
-            Ok::<_, Error>(b)
-        })
-        .transpose()?;
+    let budgets = load_budgets(&config)?;
+    if let (Some(p), Some(b)) = (&config.budgets_file, &budgets) {
+        info!(path = %p.display(), budgets = b.len(), "budgets file loaded");
+    }
     // One database, one exporter: a second one on the same file would fight
     // over bot_status.
     let db_lock = match LockFile::acquire("database", &config.db_path)? {
@@ -406,9 +400,7 @@ pub fn check_config(config: &Config) -> Result<Vec<String>> {
         Some(p) => format!("pricing file {} ok", p.display()),
         None => "pricing: embedded table".to_owned(),
     });
-    if let Some(p) = &config.budgets_file {
-        let budgets =
-            budget::Budgets::load(p).map_err(|e| Error::Config { what: "--budgets.file", reason: e.to_string() })?;
+    if let (Some(p), Some(budgets)) = (&config.budgets_file, load_budgets(config)?) {
         report.push(format!("budgets file {} ok ({} budgets)", p.display(), budgets.len()));
     }
     web_config::WebConfig::load_optional(config.web_config_file.as_deref())
@@ -436,6 +428,16 @@ pub fn check_config(config: &Config) -> Result<Vec<String>> {
         config.web_listen_address.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
     ));
     Ok(report)
+}
+
+/// Reads `--budgets.file`, if one is given.
+fn load_budgets(config: &Config) -> Result<Option<budget::Budgets>> {
+    config
+        .budgets_file
+        .as_deref()
+        .map(budget::Budgets::load)
+        .transpose()
+        .map_err(|e| Error::Config { what: "--budgets.file", reason: e.to_string() })
 }
 
 /// Reads the spend of the current UTC day and month from `llm_usage`, on a
