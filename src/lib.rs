@@ -4,6 +4,7 @@
 //!
 //! # Modules
 //!
+//! - `allocator`: handing the free memory a burst left behind back to the kernel.
 //! - `budget`: the `--budgets.file` and the spend per bot since the UTC day and month began.
 //! - `clock`: Unix time and the ISO-8601 strings of the database (bottom of the graph).
 //! - `row`: the database rows, shared by the state machine and the store.
@@ -43,6 +44,7 @@ pub mod fuzz_support;
 pub mod send;
 pub mod shutdown;
 
+mod allocator;
 mod budget;
 mod clock;
 mod event;

@@ -175,7 +175,10 @@ enum Matcher {
     /// One name, lower-cased.
     Exact(String),
     /// A glob pattern (`*`, `?`, `[57]`), matched against the lower-cased name.
-    Glob(globset::GlobMatcher),
+    /// `glob` rather than `globset`: a handful of patterns matched one by one
+    /// need no regex engine, and compiling one at start-up would page in
+    /// half a megabyte of code that the idle exporter otherwise never runs.
+    Glob(glob::Pattern),
 }
 
 /// A price table: exact names, then glob patterns in order, then a default.
@@ -242,8 +245,8 @@ impl PriceTable {
                 (Some(n), None) if !n.trim().is_empty() => exact.push((Matcher::Exact(n.trim().to_lowercase()), price)),
                 (None, Some(p)) if !p.trim().is_empty() => {
                     let pattern = p.trim().to_lowercase();
-                    let glob = globset::Glob::new(&pattern).map_err(|e| err(format!("pattern {pattern:?}: {e}")))?;
-                    globs.push((Matcher::Glob(glob.compile_matcher()), price))
+                    let glob = glob::Pattern::new(&pattern).map_err(|e| err(format!("pattern {pattern:?}: {e}")))?;
+                    globs.push((Matcher::Glob(glob), price))
                 }
                 _ => return Err(err("needs exactly one of `name` or `pattern`".into())),
             }
@@ -282,7 +285,7 @@ impl PriceTable {
         let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
         let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
         exact
-            .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if g.is_match(&name))))
+            .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if g.matches(&name))))
             .map(|(_, p)| *p)
     }
 
@@ -421,7 +424,7 @@ mod tests {
 
     #[test]
     fn globs() {
-        let glob = |p: &str, n: &str| globset::Glob::new(p).unwrap().compile_matcher().is_match(n);
+        let glob = |p: &str, n: &str| glob::Pattern::new(p).unwrap().matches(n);
         assert!(glob("gpt-4o-*", "gpt-4o-2024"));
         assert!(!glob("gpt-4o-*", "gpt-4o"));
         assert!(glob("claude-3-[57]-sonnet*", "claude-3-7-sonnet-latest"));

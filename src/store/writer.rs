@@ -75,6 +75,8 @@ impl WriterLoop {
         let every = self.retention.shortest().map(retention_every);
         let mut retention_due = Instant::now();
         let mut pass = Pass::default();
+        // Whether rows were written since the allocator last gave memory back.
+        let mut wrote = false;
         loop {
             self.status.last_loop.store(unix_now() as u64, Ordering::Relaxed);
             let wait = if every.is_some() && Instant::now() >= retention_due {
@@ -84,7 +86,14 @@ impl WriterLoop {
             };
             match self.rx.recv_timeout(wait) {
                 Ok(row) => batch.push(row),
-                Err(RecvTimeoutError::Timeout) => {}
+                // A quiet queue after writes means a burst is over: what it
+                // allocated and freed (rows, the state's outgrown tables) is
+                // handed back now, at most once per quiet second.
+                Err(RecvTimeoutError::Timeout) => {
+                    if std::mem::take(&mut wrote) {
+                        crate::allocator::release_free_memory();
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             // Group commit: having one row, wait a moment for more, so that a
@@ -111,6 +120,7 @@ impl WriterLoop {
                 self.pending.fetch_sub(batch.len() as i64, Ordering::AcqRel);
                 self.metrics.queue_depth.sub(batch.len() as i64);
                 self.commit_with_retry(&mut db, &mut batch);
+                wrote = true;
             }
             self.top_up_usage_ids(&mut db);
             if let Some(every) = every {
@@ -382,20 +392,41 @@ fn id_taken(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+const INSERT_STATUS: &str = "INSERT INTO bot_status(channel, pid, status, features_json, registered_at, last_seen)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT(channel) DO UPDATE SET pid = excluded.pid, status = excluded.status,
+       features_json = excluded.features_json, registered_at = excluded.registered_at,
+       last_seen = excluded.last_seen";
+const INSERT_EVENT: &str = "INSERT INTO bot_events(ts, channel, pid, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_USAGE: &str = "INSERT INTO llm_usage(id, ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
+       cost_usd, cost_source, pid, provider, tokens_cached, status, ttft_ms, error_type)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const INSERT_METRICS: &str = "INSERT INTO bot_metrics(ts, channel, pid, rss_mb, cpu_pct, features_json)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// The statement for `sql`, taken from the connection's cache at its first
+/// use in a batch and kept for the rest of it: a cache lookup hashes the
+/// whole SQL text, which per row costs more than it should on the one
+/// thread that bounds how fast rows are written.
+fn statement<'a, 'c>(
+    slot: &'a mut Option<rusqlite::CachedStatement<'c>>,
+    tx: &'c rusqlite::Transaction<'_>,
+    sql: &str,
+) -> rusqlite::Result<&'a mut rusqlite::CachedStatement<'c>> {
+    match slot {
+        Some(stmt) => Ok(stmt),
+        None => Ok(slot.insert(tx.prepare_cached(sql)?)),
+    }
+}
+
 fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
+        let (mut status_stmt, mut event_stmt, mut usage_stmt, mut metrics_stmt) = (None, None, None, None);
         for row in batch {
             match row {
                 Row::BotStatus { channel, pid, status, features_json, registered_at, last_seen } => {
-                    tx.prepare_cached(
-                        "INSERT INTO bot_status(channel, pid, status, features_json, registered_at, last_seen)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT(channel) DO UPDATE SET pid = excluded.pid, status = excluded.status,
-                           features_json = excluded.features_json, registered_at = excluded.registered_at,
-                           last_seen = excluded.last_seen",
-                    )?
-                    .execute(params![
+                    statement(&mut status_stmt, &tx, INSERT_STATUS)?.execute(params![
                         channel,
                         pid,
                         status,
@@ -405,10 +436,13 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     ])?;
                 }
                 Row::BotEvent { ts, channel, pid, event, detail } => {
-                    tx.prepare_cached(
-                        "INSERT INTO bot_events(ts, channel, pid, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?
-                    .execute(params![format_time(*ts), channel, pid, event, detail])?;
+                    statement(&mut event_stmt, &tx, INSERT_EVENT)?.execute(params![
+                        format_time(*ts),
+                        channel,
+                        pid,
+                        event,
+                        detail
+                    ])?;
                 }
                 Row::LlmUsage {
                     id,
@@ -428,15 +462,12 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     ttft_ms,
                     error_type,
                 } => {
-                    let insert = |id: Option<i64>| -> rusqlite::Result<usize> {
-                        tx.prepare_cached(
-                            "INSERT INTO llm_usage(id, ts, channel, model, feature, tokens_in, tokens_out, latency_ms,
-                               cost_usd, cost_source, pid, provider, tokens_cached, status, ttft_ms, error_type)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-                        )?
-                        .execute(params![
+                    let stmt = statement(&mut usage_stmt, &tx, INSERT_USAGE)?;
+                    let ts = format_time(*ts);
+                    let mut insert = |id: Option<i64>| -> rusqlite::Result<usize> {
+                        stmt.execute(params![
                             id,
-                            format_time(*ts),
+                            ts,
                             channel,
                             model,
                             feature,
@@ -468,11 +499,7 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
                     }
                 }
                 Row::BotMetrics { ts, channel, pid, rss_mb, cpu_pct, features_json } => {
-                    tx.prepare_cached(
-                        "INSERT INTO bot_metrics(ts, channel, pid, rss_mb, cpu_pct, features_json)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?
-                    .execute(params![
+                    statement(&mut metrics_stmt, &tx, INSERT_METRICS)?.execute(params![
                         format_time(*ts),
                         channel,
                         pid,
