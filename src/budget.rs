@@ -13,11 +13,11 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 
 /// The channel of the entry that applies to every bot without its own.
-pub const WILDCARD: &str = "*";
+pub(crate) const WILDCARD: &str = "*";
 
 /// Most entries a budgets file may hold: it is read into memory and every
 /// entry becomes two series.
-pub const MAX_ENTRIES: usize = 10_000;
+pub(crate) const MAX_ENTRIES: usize = 10_000;
 
 /// The largest budget accepted, in USD: anything above is a typo.
 const MAX_USD: f64 = 1e9;
@@ -33,10 +33,10 @@ pub enum Period {
 
 impl Period {
     /// Both periods, in the order they are rendered.
-    pub const ALL: [Period; 2] = [Period::Day, Period::Month];
+    pub(crate) const ALL: [Period; 2] = [Period::Day, Period::Month];
 
     /// The `period` label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Period::Day => "day",
             Period::Month => "month",
@@ -67,16 +67,16 @@ impl Period {
 
 /// The budgets of one bot, in USD; at least one is set.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// USD per UTC calendar day.
-    pub daily_usd: Option<f64>,
+    pub(crate) daily_usd: Option<f64>,
     /// USD per UTC calendar month.
-    pub monthly_usd: Option<f64>,
+    pub(crate) monthly_usd: Option<f64>,
 }
 
 impl Budget {
     /// The budget of a period, if set.
-    pub fn of(&self, period: Period) -> Option<f64> {
+    pub(crate) fn of(&self, period: Period) -> Option<f64> {
         match period {
             Period::Day => self.daily_usd,
             Period::Month => self.monthly_usd,
@@ -86,7 +86,7 @@ impl Budget {
 
 /// Why a budgets file was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum BudgetError {
+pub(crate) enum BudgetError {
     /// The file could not be read.
     #[error("cannot read budgets file {path}: {source}")]
     Read {
@@ -133,21 +133,21 @@ struct BudgetsFile {
 
 /// The budgets in force: one entry per named channel, and the `*` entry.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Budgets {
+pub(crate) struct Budgets {
     explicit: HashMap<String, Budget>,
     wildcard: Option<Budget>,
 }
 
 impl Budgets {
     /// Reads and checks a budgets file.
-    pub fn load(path: &Path) -> Result<Budgets, BudgetError> {
+    pub(crate) fn load(path: &Path) -> Result<Budgets, BudgetError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| BudgetError::Read { path: path.to_owned(), source })?;
         Budgets::parse(&text, path)
     }
 
     /// Parses a budgets file; `path` is only for the messages.
-    pub fn parse(text: &str, path: &Path) -> Result<Budgets, BudgetError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Budgets, BudgetError> {
         let file: BudgetsFile =
             toml::from_str(text).map_err(|e| BudgetError::Parse { path: path.to_owned(), message: e.to_string() })?;
         if file.budget.len() > MAX_ENTRIES {
@@ -187,38 +187,33 @@ impl Budgets {
     }
 
     /// The budget of a channel: its own entry, else the `*` entry.
-    pub fn of(&self, channel: &str) -> Option<Budget> {
+    pub(crate) fn of(&self, channel: &str) -> Option<Budget> {
         self.explicit.get(channel).copied().or(self.wildcard)
     }
 
     /// Whether the channel has an entry of its own.
-    pub fn is_explicit(&self, channel: &str) -> bool {
+    pub(crate) fn is_explicit(&self, channel: &str) -> bool {
         self.explicit.contains_key(channel)
     }
 
     /// Number of entries, the `*` entry included.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.explicit.len() + usize::from(self.wildcard.is_some())
-    }
-
-    /// Whether the file had no entry at all.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 /// What a bot spent in the current periods, in USD.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Spend {
+pub(crate) struct Spend {
     /// Since the start of the UTC day.
-    pub day_usd: f64,
+    pub(crate) day_usd: f64,
     /// Since the start of the UTC month.
-    pub month_usd: f64,
+    pub(crate) month_usd: f64,
 }
 
 impl Spend {
     /// The spend of a period.
-    pub fn of(&self, period: Period) -> f64 {
+    pub(crate) fn of(&self, period: Period) -> f64 {
         match period {
             Period::Day => self.day_usd,
             Period::Month => self.month_usd,
@@ -228,15 +223,15 @@ impl Spend {
 
 /// One bot with a budget, as the metrics and `/api/budgets` show it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BudgetLine {
+pub(crate) struct BudgetLine {
     /// The channel.
-    pub channel: String,
+    pub(crate) channel: String,
     /// Its budget.
-    pub budget: Budget,
+    pub(crate) budget: Budget,
     /// Whether the budget is the channel's own entry (else the `*` entry).
-    pub explicit: bool,
+    pub(crate) explicit: bool,
     /// Its spend in the current periods.
-    pub spend: Spend,
+    pub(crate) spend: Spend,
 }
 
 /// The budgets in force and the spend of the current UTC day and month.
@@ -246,7 +241,7 @@ pub struct BudgetLine {
 /// month and may be given a budget by a reload). The map is therefore
 /// bounded by the file's entries plus `--limits.max-bots`.
 #[derive(Debug, Clone)]
-pub struct SpendTracker {
+pub(crate) struct SpendTracker {
     budgets: Budgets,
     spend: HashMap<String, Spend>,
     /// Entries whose channel has no entry of its own in the file.
@@ -259,7 +254,7 @@ pub struct SpendTracker {
 impl SpendTracker {
     /// A tracker starting from `baseline` (channel, spend since the start of
     /// the current day and month), as read from the database at `now`.
-    pub fn new(budgets: Budgets, baseline: HashMap<String, Spend>, now: f64, max_other: usize) -> SpendTracker {
+    pub(crate) fn new(budgets: Budgets, baseline: HashMap<String, Spend>, now: f64, max_other: usize) -> SpendTracker {
         let mut t = SpendTracker {
             budgets,
             spend: HashMap::new(),
@@ -300,7 +295,7 @@ impl SpendTracker {
     }
 
     /// Adds the cost of one call made at `now`.
-    pub fn add(&mut self, channel: &str, cost_usd: f64, now: f64, tracked: impl Fn(&str) -> bool) {
+    pub(crate) fn add(&mut self, channel: &str, cost_usd: f64, now: f64, tracked: impl Fn(&str) -> bool) {
         // A call just after midnight must not count for the day before, even
         // if the ticker has not turned yet.
         self.roll(now, tracked);
@@ -316,7 +311,7 @@ impl SpendTracker {
     /// Starts a new day or month when `now` has reached it. At a new month,
     /// channels with no entry of their own that `tracked` no longer knows
     /// are forgotten.
-    pub fn roll(&mut self, now: f64, tracked: impl Fn(&str) -> bool) {
+    pub(crate) fn roll(&mut self, now: f64, tracked: impl Fn(&str) -> bool) {
         if now >= self.next_month {
             let budgets = &self.budgets;
             self.spend.retain(|c, _| budgets.is_explicit(c) || tracked(c));
@@ -339,14 +334,14 @@ impl SpendTracker {
     }
 
     /// Replaces the budgets (on reload). Spend already counted stays.
-    pub fn set_budgets(&mut self, budgets: Budgets) {
+    pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
         self.budgets = budgets;
         self.recount();
     }
 
     /// The spend of a channel, if it is kept: a channel with an entry of
     /// its own or within the bound counts from 0 once it has a budget.
-    pub fn spend(&self, channel: &str) -> Option<Spend> {
+    pub(crate) fn spend(&self, channel: &str) -> Option<Spend> {
         match self.spend.get(channel) {
             Some(s) => Some(*s),
             None if self.budgets.of(channel).is_some() => Some(Spend::default()),
@@ -355,13 +350,13 @@ impl SpendTracker {
     }
 
     /// The budgets in force.
-    pub fn budgets(&self) -> &Budgets {
+    pub(crate) fn budgets(&self) -> &Budgets {
         &self.budgets
     }
 
     /// Every channel with a budget: its own entry, or the `*` entry for the
     /// `bots` (the tracked bots) that have none. Sorted by channel.
-    pub fn lines<'a>(&self, bots: impl Iterator<Item = &'a str>) -> Vec<BudgetLine> {
+    pub(crate) fn lines<'a>(&self, bots: impl Iterator<Item = &'a str>) -> Vec<BudgetLine> {
         let line = |channel: &str, budget: Budget, explicit: bool| BudgetLine {
             channel: channel.to_owned(),
             budget,
@@ -406,7 +401,7 @@ mod tests {
         assert_eq!(b.of("a"), Some(Budget { daily_usd: Some(5.0), monthly_usd: Some(100.0) }));
         assert_eq!(b.of("z"), Some(Budget { daily_usd: None, monthly_usd: Some(10.0) }));
         assert_eq!(b.len(), 2);
-        assert!(file("").unwrap().is_empty());
+        assert_eq!(file("").unwrap().len(), 0);
         let bad = |t: &str| file(t).unwrap_err().to_string();
         assert!(bad("[[budget]]\nchannel = \"a\"\n").contains("needs daily_usd"));
         assert!(bad("[[budget]]\nchannel = \"a\"\ndaily_usd = -1.0\n").contains("must be above 0"));

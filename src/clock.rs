@@ -24,7 +24,7 @@ pub fn format_time(ts: f64) -> String {
 
 /// A number above this is taken as Unix milliseconds rather than seconds
 /// (1e11 seconds is the year 5138; 1e11 milliseconds is 1973).
-pub const MILLIS_THRESHOLD: f64 = 1e11;
+pub(crate) const MILLIS_THRESHOLD: f64 = 1e11;
 
 /// Parses every time format found in legacy files, to Unix seconds:
 ///

@@ -28,10 +28,10 @@ pub const MAX_LATENCY_MS: f64 = 86_400_000.0;
 
 /// The longest `trace_id` accepted, in bytes. With the label name it stays
 /// well inside the 128 characters OpenMetrics allows an exemplar's labels.
-pub const MAX_TRACE_ID_BYTES: usize = 64;
+pub(crate) const MAX_TRACE_ID_BYTES: usize = 64;
 
 /// Largest process id accepted (Linux caps pid_max at 2^22).
-pub const MAX_PID: i64 = i32::MAX as i64;
+pub(crate) const MAX_PID: i64 = i32::MAX as i64;
 
 /// A validated message from a bot.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,7 +125,7 @@ pub enum ErrorType {
 impl ErrorType {
     /// Every error type, in the order the metric lists them; the index of a
     /// type in this array is `type as usize`.
-    pub const ALL: [ErrorType; 6] = [
+    pub(crate) const ALL: [ErrorType; 6] = [
         ErrorType::Timeout,
         ErrorType::RateLimit,
         ErrorType::Auth,
@@ -148,7 +148,7 @@ impl ErrorType {
 
     /// Reads a wire value, case-insensitively; unknown names are `other`,
     /// because a sender's own vocabulary must not grow the label set.
-    pub fn parse(s: &str) -> ErrorType {
+    pub(crate) fn parse(s: &str) -> ErrorType {
         let s = s.trim();
         ErrorType::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(s)).unwrap_or(ErrorType::Other)
     }
@@ -166,7 +166,7 @@ impl Event {
     }
 
     /// The pid the message names, if any.
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         match self {
             Event::Register { pid, .. } | Event::Heartbeat { pid, .. } | Event::Unregister { pid, .. } => Some(*pid),
             Event::LlmUsage(u) => u.pid,
@@ -191,7 +191,7 @@ pub struct Rejection {
     /// The closed-set reason, e.g. `invalid_json`.
     pub reason: Reason,
     /// A human-readable detail for logs (never a label).
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// The closed set of rejection reasons, exported as `reason` label values.
@@ -225,7 +225,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering label values.
-    pub const ALL: [Reason; 12] = [
+    pub(crate) const ALL: [Reason; 12] = [
         Reason::InvalidUtf8,
         Reason::InvalidJson,
         Reason::LineTooLong,
@@ -267,7 +267,7 @@ impl fmt::Display for Reason {
 
 impl Rejection {
     /// Builds a rejection from a reason and a detail.
-    pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
+    pub(crate) fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
         Rejection { reason, detail: detail.into() }
     }
 }

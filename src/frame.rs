@@ -39,7 +39,7 @@ impl Framer {
     /// are released first.
     ///
     /// [`scan`]: Framer::scan
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
+    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
         if self.consumed > 0 {
             self.buf.drain(..self.consumed);
             self.consumed = 0;
@@ -55,7 +55,7 @@ impl Framer {
 
     /// Splits off the lines that the last `read` bytes appended to the
     /// buffer completed.
-    pub fn scan(&mut self, read: usize) -> Frames<'_> {
+    pub(crate) fn scan(&mut self, read: usize) -> Frames<'_> {
         let scan_from = self.buf.len().saturating_sub(read);
         let Some(last_nl) = memchr::memrchr(b'\n', &self.buf[scan_from..]).map(|i| scan_from + i) else {
             let mut too_long = 0;

@@ -35,42 +35,42 @@ use crate::store::Sink;
 
 /// How long connections still open at shutdown may keep sending before they
 /// are closed: fire-and-forget clients finish their line well within it.
-pub const DRAIN_GRACE: Duration = Duration::from_millis(1500);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(1500);
 
 /// Per-connection limits.
 #[derive(Debug, Clone)]
-pub struct IngestConfig {
+pub(crate) struct IngestConfig {
     /// Longest accepted line, in bytes.
-    pub max_line_bytes: usize,
+    pub(crate) max_line_bytes: usize,
     /// Close a connection after this long without data.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Most connections served at once.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Peer uids allowed to send; empty allows all.
-    pub allowed_uids: Vec<u32>,
+    pub(crate) allowed_uids: Vec<u32>,
     /// Whether to compare message pids with the peer's pid.
-    pub verify_pid: VerifyPid,
+    pub(crate) verify_pid: VerifyPid,
 }
 
 /// Everything a connection handler needs, shared by all of them.
-pub struct Ingest {
+pub(crate) struct Ingest {
     /// The live bot registry.
-    pub state: Arc<Mutex<State>>,
+    pub(crate) state: Arc<Mutex<State>>,
     /// Where rows go.
-    pub sink: Sink,
+    pub(crate) sink: Sink,
     /// Counters.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// Limits.
-    pub config: IngestConfig,
+    pub(crate) config: IngestConfig,
     /// Rate limit for warnings about bad input.
-    pub bad_input_log: RateLimitedLog,
+    pub(crate) bad_input_log: RateLimitedLog,
 }
 
 impl Ingest {
     /// Parses and applies a batch of complete lines read together, taking
     /// the state lock once for all of them.
     /// `peer_pid` is the sending process as the kernel reports it.
-    pub fn handle_lines<'a>(&self, lines: impl Iterator<Item = &'a [u8]>, peer_pid: Option<u32>) {
+    pub(crate) fn handle_lines<'a>(&self, lines: impl Iterator<Item = &'a [u8]>, peer_pid: Option<u32>) {
         let mut events = Vec::new();
         for line in lines {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -131,7 +131,7 @@ impl Ingest {
     }
 
     /// Counts a rejected line and logs it, rate-limited.
-    pub fn reject(&self, r: &Rejection) {
+    pub(crate) fn reject(&self, r: &Rejection) {
         self.metrics.rejected.with_label_values(&[r.reason.as_str()]).inc();
         if let Some(suppressed) = self.bad_input_log.allow() {
             warn!(reason = %r.reason, detail = %r.detail, suppressed, "rejected a line from a bot");
@@ -143,7 +143,7 @@ impl Ingest {
 /// only if the path still holds the very socket this process created, and
 /// then the lock file.
 #[derive(Debug)]
-pub struct SocketGuard {
+pub(crate) struct SocketGuard {
     path: PathBuf,
     inode: u64,
     removed: AtomicBool,
@@ -153,12 +153,12 @@ pub struct SocketGuard {
 
 impl SocketGuard {
     /// The socket path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Unlinks the socket file so no new client can connect. Idempotent.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         if self.removed.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -188,7 +188,7 @@ impl Drop for SocketGuard {
 /// `bind`, not `chmod` after), so there is no window with wider permissions.
 /// On any failure the lock file is removed again: a failed start leaves
 /// nothing behind.
-pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener, SocketGuard)> {
+pub(crate) fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener, SocketGuard)> {
     let bind_err = |source| Error::SocketBind { path: path.to_owned(), source };
     let answers = || std::os::unix::net::UnixStream::connect(path).is_ok();
     let lock = match LockFile::acquire("socket", path)? {
@@ -238,7 +238,7 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener,
 /// Accepts connections until `shutdown` fires, then removes the socket file,
 /// drains connections already waiting in the backlog, and waits for every
 /// handler to finish its buffered lines.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: UnixListener,
     guard: SocketGuard,
     ingest: Arc<Ingest>,

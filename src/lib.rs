@@ -72,11 +72,13 @@ pub mod testing {
     pub use crate::budget::Period;
     pub use crate::clock::{format_time, parse_time, unix_now};
     pub use crate::event::{
-        parse_line, truncate, Event, LlmUsage, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS,
+        parse_line, truncate, ErrorType, Event, LlmUsage, Reason, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS,
+        MAX_TOKENS,
     };
     pub use crate::frame::Framer;
     pub use crate::metrics::Metrics;
     pub use crate::pricing::PriceTable;
+    pub use crate::row::Row;
     pub use crate::state::{OverflowCounters, Sample, SampleResult, Snapshot, State, StateConfig, Status};
     pub use crate::store::SCHEMA_VERSION;
 }

@@ -21,51 +21,51 @@ use crate::state::{ExemplarLabel, Latency, Snapshot, State, Status, LATENCY_BUCK
 
 /// Why a row was not written: the `reason` values of
 /// `kissbot_exporter_events_dropped_total`.
-pub const DROP_REASONS: [&str; 3] = ["queue_full", "writer_stopped", "db_error"];
+pub(crate) const DROP_REASONS: [&str; 3] = ["queue_full", "writer_stopped", "db_error"];
 
-/// The exporter's own metrics, registered in [`Metrics::registry`].
+/// The exporter's own metrics, registered in `Metrics::registry`.
 #[derive(Clone)]
 pub struct Metrics {
     /// The registry that `/metrics` renders.
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     /// Accepted messages by type.
-    pub messages: IntCounterVec,
+    pub(crate) messages: IntCounterVec,
     /// Rejected lines by reason.
-    pub rejected: IntCounterVec,
+    pub(crate) rejected: IntCounterVec,
     /// Socket connections accepted.
-    pub connections: IntCounter,
+    pub(crate) connections: IntCounter,
     /// Socket connections open now.
-    pub connections_active: IntGauge,
+    pub(crate) connections_active: IntGauge,
     /// Socket connections refused, by reason.
-    pub connections_rejected: IntCounterVec,
+    pub(crate) connections_rejected: IntCounterVec,
     /// Rows waiting for the writer.
-    pub queue_depth: IntGauge,
+    pub(crate) queue_depth: IntGauge,
     /// Capacity of the writer queue.
-    pub queue_capacity: IntGauge,
+    pub(crate) queue_capacity: IntGauge,
     /// Rows not written, by reason.
-    pub events_dropped: IntCounterVec,
+    pub(crate) events_dropped: IntCounterVec,
     /// Rows committed to SQLite.
-    pub db_rows_written: IntCounter,
+    pub(crate) db_rows_written: IntCounter,
     /// Rows deleted by retention, by table.
-    pub db_rows_deleted: IntCounterVec,
+    pub(crate) db_rows_deleted: IntCounterVec,
     /// Failed SQLite transactions.
-    pub db_write_errors: IntCounter,
+    pub(crate) db_write_errors: IntCounter,
     /// Bytes held by large HTTP response bodies still being sent.
-    pub http_response_bytes: IntGauge,
+    pub(crate) http_response_bytes: IntGauge,
     /// 1 while the last database write succeeded.
-    pub db_up: IntGauge,
+    pub(crate) db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
     pub label_overflow: IntCounterVec,
     /// Messages whose pid is not the sending process.
-    pub peer_pid_mismatches: IntCounter,
+    pub(crate) peer_pid_mismatches: IntCounter,
     /// Pricing reloads by outcome (`success`, `failure`).
-    pub config_reloads: IntCounterVec,
+    pub(crate) config_reloads: IntCounterVec,
     /// 1 if the last pricing (re)load succeeded.
-    pub config_last_reload_successful: IntGauge,
+    pub(crate) config_last_reload_successful: IntGauge,
     /// Duration of the last sampler pass.
-    pub sampler_duration: GaugeMetric,
+    pub(crate) sampler_duration: GaugeMetric,
     /// Unix time of the last completed sampler pass.
-    pub sampler_last_success: GaugeMetric,
+    pub(crate) sampler_last_success: GaugeMetric,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -228,12 +228,12 @@ impl Metrics {
     /// About how many bytes [`Metrics::render`] writes for `snapshot`:
     /// measured at about 1.4 KB per bot and 1.4 KB per LLM series with its
     /// histogram, plus the exporter's own families.
-    pub fn size_hint(snapshot: &Snapshot) -> usize {
+    pub(crate) fn size_hint(snapshot: &Snapshot) -> usize {
         64 * 1024 + 1500 * (snapshot.bots.len() + snapshot.llm.len())
     }
 
     /// [`Metrics::render`] appended to `out`.
-    pub fn render_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
+    pub(crate) fn render_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
         // Reserving it up front saves the copies of a growing buffer.
         out.reserve(Metrics::size_hint(snapshot));
         // Encoding into a String cannot fail: the families come from our own
@@ -244,7 +244,7 @@ impl Metrics {
 
     /// Renders `format`, appended to `out`: [`Metrics::render_into`] for the
     /// text format, [`Metrics::render_openmetrics_into`] for OpenMetrics.
-    pub fn render_format_into(&self, format: Format, snapshot: &Snapshot, now: f64, out: &mut String) {
+    pub(crate) fn render_format_into(&self, format: Format, snapshot: &Snapshot, now: f64, out: &mut String) {
         match format {
             Format::Text => self.render_into(snapshot, now, out),
             Format::OpenMetrics => self.render_openmetrics_into(snapshot, now, out),
@@ -255,7 +255,7 @@ impl Metrics {
     /// families and samples as the text format, with counters' family names
     /// without `_total`, an exemplar on the latency bucket of each
     /// histogram's latest named call, and the closing `# EOF`.
-    pub fn render_openmetrics_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
+    pub(crate) fn render_openmetrics_into(&self, snapshot: &Snapshot, now: f64, out: &mut String) {
         out.reserve(Metrics::size_hint(snapshot));
         let mut body = Body { text: out, format: Format::OpenMetrics };
         // The prometheus crate encodes only the text format and protobuf.
@@ -267,7 +267,7 @@ impl Metrics {
 
 /// The exposition formats `/metrics` speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// The Prometheus text format 0.0.4.
     Text,
     /// OpenMetrics 1.0: the text format with exemplars.
@@ -276,7 +276,7 @@ pub enum Format {
 
 impl Format {
     /// The `Content-Type` of a body in this format.
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Format::Text => "text/plain; version=0.0.4; charset=utf-8",
             Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -16,17 +16,17 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The embedded table.
-pub const BUILTIN_TOML: &str = include_str!("prices.toml");
+pub(crate) const BUILTIN_TOML: &str = include_str!("prices.toml");
 
 /// Price of one model, in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Price {
+pub(crate) struct Price {
     /// USD per 1M input (prompt) tokens.
-    pub input: f64,
+    pub(crate) input: f64,
     /// USD per 1M output (completion) tokens.
-    pub output: f64,
+    pub(crate) output: f64,
     /// USD per 1M cached input tokens; `None` prices them as plain input.
-    pub cached_input: Option<f64>,
+    pub(crate) cached_input: Option<f64>,
 }
 
 impl Price {
@@ -34,7 +34,7 @@ impl Price {
     /// calls are fine); `tokens_cached` is the part of `tokens_in` served
     /// from the cache. Dividing once, at the end, keeps results such as
     /// 145 x $30 + 87 x $60 exactly the decimal people expect.
-    pub fn usd(&self, tokens_in: f64, tokens_cached: f64, tokens_out: f64) -> f64 {
+    pub(crate) fn usd(&self, tokens_in: f64, tokens_cached: f64, tokens_out: f64) -> f64 {
         let cached = tokens_cached.min(tokens_in);
         let micro = (tokens_in - cached) * self.input
             + cached * self.cached_input.unwrap_or(self.input)
@@ -45,7 +45,7 @@ impl Price {
 
 /// Where the cost of a call came from; stored with every `llm_usage` row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CostSource {
+pub(crate) enum CostSource {
     /// The sender reported the cost itself.
     Reported,
     /// Computed from an exact name or a pattern of the price table.
@@ -60,10 +60,10 @@ pub enum CostSource {
 impl CostSource {
     /// The `cost_source` label values of `kissbot_llm_cost_usd_total`, in the
     /// order of [`CostSource::label_index`].
-    pub const LABELS: [&'static str; 3] = ["reported", "table", "fallback"];
+    pub(crate) const LABELS: [&'static str; 3] = ["reported", "table", "fallback"];
 
     /// The value stored in `llm_usage.cost_source`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CostSource::Reported => "reported",
             CostSource::Table => "table",
@@ -76,7 +76,7 @@ impl CostSource {
     /// added to. A call with no price at all adds 0 to the `fallback`
     /// series: the fallback policy is what left it without a price, and the
     /// label set stays closed at three values.
-    pub fn label_index(self) -> usize {
+    pub(crate) fn label_index(self) -> usize {
         match self {
             CostSource::Reported => 0,
             CostSource::Table => 1,
@@ -87,7 +87,7 @@ impl CostSource {
     /// Whether the call counts in `kissbot_llm_unpriced_requests_total`:
     /// neither the sender nor a table entry priced it, whether or not the
     /// default price was applied.
-    pub fn is_unpriced(self) -> bool {
+    pub(crate) fn is_unpriced(self) -> bool {
         matches!(self, CostSource::Fallback | CostSource::Unpriced)
     }
 }
@@ -218,14 +218,14 @@ impl PriceTable {
     }
 
     /// Loads a pricing file on top of the embedded table.
-    pub fn load(path: &Path) -> Result<PriceTable, PricingError> {
+    pub(crate) fn load(path: &Path) -> Result<PriceTable, PricingError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
         PriceTable::parse(&text, path, Some(PriceTable::builtin()))
     }
 
     /// Loads the table in force: the file if one is given, else the builtin.
-    pub fn from_config(path: Option<&Path>) -> Result<PriceTable, PricingError> {
+    pub(crate) fn from_config(path: Option<&Path>) -> Result<PriceTable, PricingError> {
         match path {
             Some(p) => PriceTable::load(p),
             None => Ok(PriceTable::builtin()),
@@ -233,7 +233,7 @@ impl PriceTable {
     }
 
     /// Parses a table; `base` is consulted after it when the file allows.
-    pub fn parse(text: &str, path: &Path, base: Option<PriceTable>) -> Result<PriceTable, PricingError> {
+    pub(crate) fn parse(text: &str, path: &Path, base: Option<PriceTable>) -> Result<PriceTable, PricingError> {
         let file: PricingFile =
             toml::from_str(text).map_err(|e| PricingError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let mut exact = Vec::new();
@@ -273,15 +273,11 @@ impl PriceTable {
         Ok(PriceTable { entries, default })
     }
 
-    /// Finds the price of a model: case-insensitive, ignoring a `provider/`
-    /// prefix; exact names win over patterns, patterns in file order.
-    pub fn lookup(&self, model: &str) -> Option<Price> {
-        self.table_price(model).or(self.default)
-    }
-
     /// The price the table itself names for a model (an exact name or a
-    /// pattern), ignoring the default price for unknown models.
-    pub fn table_price(&self, model: &str) -> Option<Price> {
+    /// pattern), ignoring the default price for unknown models. Matching is
+    /// case-insensitive and ignores a `provider/` prefix; exact names win
+    /// over patterns, patterns in file order.
+    pub(crate) fn table_price(&self, model: &str) -> Option<Price> {
         let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
         let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
         exact
@@ -291,7 +287,7 @@ impl PriceTable {
 
     /// The cost of a call and where it came from. A reported cost wins.
     /// `tokens_cached` is the part of `tokens_in` served from the cache.
-    pub fn cost(
+    pub(crate) fn cost(
         &self,
         model: &str,
         tokens_in: u64,

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// Lets one log line through per interval and counts the ones held back, so
 /// a flood of bad input cannot flood the logs.
 #[derive(Debug)]
-pub struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     /// A monotonic origin: the wall clock may step back.
     base: std::time::Instant,
     interval_ms: u64,
@@ -17,7 +17,7 @@ pub struct RateLimitedLog {
 
 impl RateLimitedLog {
     /// At most one line per `interval`.
-    pub fn new(interval: Duration) -> RateLimitedLog {
+    pub(crate) fn new(interval: Duration) -> RateLimitedLog {
         RateLimitedLog {
             base: std::time::Instant::now(),
             interval_ms: interval.as_millis() as u64,
@@ -28,7 +28,7 @@ impl RateLimitedLog {
 
     /// `Some(n)` if a line may be logged now (`n` were suppressed since the
     /// last one), `None` if this one should be suppressed.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = self.base.elapsed().as_millis() as u64;
         let next = self.next_ms.load(Ordering::Relaxed);
         if now >= next

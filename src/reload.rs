@@ -15,7 +15,7 @@ use crate::state::State;
 /// Re-reads the pricing file and the budgets file and swaps them into the
 /// state. A bad file is refused with the reason, and both files in force
 /// stay: a reload takes effect whole or not at all.
-pub struct Reloader {
+pub(crate) struct Reloader {
     path: Option<PathBuf>,
     budgets: Option<PathBuf>,
     state: Arc<Mutex<State>>,
@@ -24,18 +24,18 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `path` (none: the embedded table only) into `state`.
-    pub fn new(path: Option<PathBuf>, state: Arc<Mutex<State>>, metrics: Metrics) -> Reloader {
+    pub(crate) fn new(path: Option<PathBuf>, state: Arc<Mutex<State>>, metrics: Metrics) -> Reloader {
         Reloader { path, budgets: None, state, metrics }
     }
 
     /// Also re-reads this budgets file (none: no budgets).
-    pub fn with_budgets(mut self, budgets: Option<PathBuf>) -> Reloader {
+    pub(crate) fn with_budgets(mut self, budgets: Option<PathBuf>) -> Reloader {
         self.budgets = budgets;
         self
     }
 
     /// Reloads now (blocking: it reads a file). Returns the refusal reason.
-    pub fn reload(&self) -> std::result::Result<(), String> {
+    pub(crate) fn reload(&self) -> std::result::Result<(), String> {
         let budgets = match self.budgets.as_deref().map(Budgets::load).transpose() {
             Ok(b) => b,
             Err(e) => {

@@ -36,7 +36,7 @@ pub enum Row {
     },
     /// One LLM call for `llm_usage`.
     LlmUsage {
-        /// The row id reserved for it (see [`UsageIds`]), which its exemplar
+        /// The row id reserved for it (see `UsageIds`), which its exemplar
         /// names; `None` lets SQLite pick one.
         id: Option<i64>,
         /// When the exporter received it.
@@ -90,19 +90,19 @@ pub enum Row {
 
 /// A bot read back from `bot_status` at start-up.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RestoredBot {
+pub(crate) struct RestoredBot {
     /// The channel.
-    pub channel: String,
+    pub(crate) channel: String,
     /// The last known pid.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// The stored status string.
-    pub status: String,
+    pub(crate) status: String,
     /// Features parsed from `features_json` (empty if unparsable).
-    pub features: Vec<(String, bool)>,
+    pub(crate) features: Vec<(String, bool)>,
     /// Registration time, Unix seconds.
-    pub registered_at: f64,
+    pub(crate) registered_at: f64,
     /// Last seen, Unix seconds.
-    pub last_seen: f64,
+    pub(crate) last_seen: f64,
 }
 
 /// Row ids of `llm_usage` reserved by the writer for the exporter's own
@@ -120,7 +120,7 @@ pub struct RestoredBot {
 /// shows the previous call that had one. The lock is held for a few
 /// instructions by either side, never across I/O.
 #[derive(Debug, Default)]
-pub struct UsageIds {
+pub(crate) struct UsageIds {
     blocks: std::sync::Mutex<IdBlocks>,
 }
 
@@ -139,7 +139,7 @@ struct IdBlocks {
 
 impl UsageIds {
     /// An empty pool: no id until the writer reserves a block.
-    pub fn new() -> UsageIds {
+    pub(crate) fn new() -> UsageIds {
         UsageIds::default()
     }
 
@@ -150,7 +150,7 @@ impl UsageIds {
     }
 
     /// The next reserved id, or `None` when every reserved id is used.
-    pub fn take(&self) -> Option<i64> {
+    pub(crate) fn take(&self) -> Option<i64> {
         let mut b = self.lock();
         if b.next >= b.end {
             let (start, end) = b.spare.take()?;
@@ -164,13 +164,13 @@ impl UsageIds {
     }
 
     /// Whether the writer should reserve another block: there is no spare.
-    pub fn wants_block(&self) -> bool {
+    pub(crate) fn wants_block(&self) -> bool {
         self.lock().spare.is_none()
     }
 
     /// Adds the reserved block `start..end` (as the spare, or as the current
     /// block when that is used up).
-    pub fn add_block(&self, start: i64, end: i64) {
+    pub(crate) fn add_block(&self, start: i64, end: i64) {
         let mut b = self.lock();
         if b.next >= b.end {
             b.next = start;
@@ -183,7 +183,7 @@ impl UsageIds {
     /// Forgets every reserved block (the writer opened another file, where
     /// they mean nothing) and returns the highest id handed out, which the
     /// next reservation must stay above.
-    pub fn reset(&self) -> i64 {
+    pub(crate) fn reset(&self) -> i64 {
         let mut b = self.lock();
         b.next = 0;
         b.end = 0;

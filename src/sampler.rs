@@ -20,25 +20,25 @@ use crate::state::{Sample, SampleResult, State};
 
 /// Settings of the sampler thread.
 #[derive(Debug, Clone)]
-pub struct SamplerConfig {
+pub(crate) struct SamplerConfig {
     /// Time between passes.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// Artificial delay added to each pass (tests only).
-    pub test_delay: Duration,
+    pub(crate) test_delay: Duration,
 }
 
 /// Gauges the sampler maintains about itself.
 #[derive(Clone)]
-pub struct SamplerMetrics {
+pub(crate) struct SamplerMetrics {
     /// Duration of the last pass, in seconds.
-    pub duration: Gauge,
+    pub(crate) duration: Gauge,
     /// Unix time of the last completed pass.
-    pub last_success: Gauge,
+    pub(crate) last_success: Gauge,
 }
 
 /// Starts the sampler thread. It stops when `stop` is dropped or receives a
 /// message (checked between passes).
-pub fn spawn(
+pub(crate) fn spawn(
     state: Arc<Mutex<State>>,
     config: SamplerConfig,
     metrics: SamplerMetrics,

@@ -20,14 +20,15 @@ use crate::row::{RestoredBot, Row, UsageIds};
 /// Upper bounds of the LLM latency histograms (call duration and time to
 /// first token), in seconds: LLM calls take from tens of milliseconds
 /// (cached, small models) to minutes (long generations).
-pub const LATENCY_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
+pub(crate) const LATENCY_BUCKETS: [f64; 14] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
 
 /// A heartbeat updates `bot_status.last_seen` in the database at most this
 /// often per bot; state changes are written at once.
-pub const PERSIST_INTERVAL: f64 = 5.0;
+pub(crate) const PERSIST_INTERVAL: f64 = 5.0;
 
 /// The label value used when a cardinality limit is reached.
-pub const OVERFLOW_LABEL: &str = "other";
+pub(crate) const OVERFLOW_LABEL: &str = "other";
 
 /// The life-cycle state of a bot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,10 +45,10 @@ pub enum Status {
 
 impl Status {
     /// Every state, in the order the state-set metric lists them.
-    pub const ALL: [Status; 4] = [Status::Online, Status::Stale, Status::Offline, Status::Dead];
+    pub(crate) const ALL: [Status; 4] = [Status::Online, Status::Stale, Status::Offline, Status::Dead];
 
     /// The label and database value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Online => "online",
             Status::Stale => "stale",
@@ -57,7 +58,7 @@ impl Status {
     }
 
     /// Parses a stored status; unknown strings are treated as offline.
-    pub fn parse(s: &str) -> Status {
+    pub(crate) fn parse(s: &str) -> Status {
         match s {
             "online" => Status::Online,
             "stale" => Status::Stale,
@@ -69,7 +70,7 @@ impl Status {
 
 /// Whether a bot's pid names a process the exporter can see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Visibility {
+pub(crate) enum Visibility {
     /// Not yet known (e.g. restored from the database, no message since).
     Unknown,
     /// The socket peer that sent the pid is that very process: it lives in
@@ -83,7 +84,7 @@ pub enum Visibility {
 
 impl Visibility {
     /// Classifies a message's pid by the peer credentials of its connection.
-    pub fn from_peer(peer_pid: u32, pid: u32) -> Visibility {
+    pub(crate) fn from_peer(peer_pid: u32, pid: u32) -> Visibility {
         if peer_pid == pid {
             Visibility::Local
         } else {
@@ -94,19 +95,19 @@ impl Visibility {
 
 /// The last sample of a bot's process.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProcessInfo {
+pub(crate) struct ProcessInfo {
     /// False once the process is gone, a zombie, or its pid was reused.
-    pub alive: bool,
+    pub(crate) alive: bool,
     /// CPU seconds (user + system) of the current process.
-    pub cpu_seconds: f64,
+    pub(crate) cpu_seconds: f64,
     /// CPU percent between the last two samples (100 is one core).
-    pub cpu_percent: f64,
+    pub(crate) cpu_percent: f64,
     /// Resident memory in bytes.
-    pub rss_bytes: u64,
+    pub(crate) rss_bytes: u64,
     /// Virtual memory in bytes.
-    pub vms_bytes: u64,
+    pub(crate) vms_bytes: u64,
     /// Process start time, Unix seconds; identifies the process across pid reuse.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 /// What the sampler found for one pid.
@@ -142,29 +143,29 @@ pub struct Sample {
 
 /// One tracked bot.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Bot {
+pub(crate) struct Bot {
     /// The channel, the bot's identity.
-    pub channel: String,
+    pub(crate) channel: String,
     /// The current process id.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// The current state.
-    pub status: Status,
+    pub(crate) status: Status,
     /// Features and whether they are enabled, sorted by name.
-    pub features: Vec<(String, bool)>,
+    pub(crate) features: Vec<(String, bool)>,
     /// When the current process registered (or was first seen).
-    pub registered_at: f64,
+    pub(crate) registered_at: f64,
     /// The last heartbeat or register.
-    pub last_heartbeat: f64,
+    pub(crate) last_heartbeat: f64,
     /// When the bot entered its current state.
-    pub status_since: f64,
+    pub(crate) status_since: f64,
     /// Heartbeats received since the exporter started tracking the bot.
-    pub heartbeats: u64,
+    pub(crate) heartbeats: u64,
     /// Restarts (new pid for the same channel) seen by the exporter.
-    pub restarts: u64,
+    pub(crate) restarts: u64,
     /// Whether the pid can be sampled.
-    pub visibility: Visibility,
+    pub(crate) visibility: Visibility,
     /// The last process sample, once sampled.
-    pub process: Option<ProcessInfo>,
+    pub(crate) process: Option<ProcessInfo>,
     /// CPU seconds of this bot's earlier processes, so that its CPU counter
     /// never goes backwards across restarts while the bot is tracked.
     cpu_base: f64,
@@ -176,46 +177,46 @@ pub struct Bot {
 
 /// Counters of one (channel, model, feature) combination.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct LlmSeries {
+pub(crate) struct LlmSeries {
     /// Calls.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Prompt tokens.
-    pub input_tokens: u64,
+    pub(crate) input_tokens: u64,
     /// Completion tokens.
-    pub output_tokens: u64,
+    pub(crate) output_tokens: u64,
     /// USD by where it came from, indexed like [`crate::pricing::CostSource::LABELS`]
     /// (reported, table, fallback); `None` until a call of that source, so
     /// only the sources a series has used are rendered.
-    pub cost_usd: [Option<f64>; 3],
+    pub(crate) cost_usd: [Option<f64>; 3],
     /// Calls priced neither by the sender nor by a table entry, whether or
     /// not the default price was applied.
-    pub unpriced: u64,
+    pub(crate) unpriced: u64,
     /// Calls the sender reported as failed, by error type, indexed like
     /// [`ErrorType::ALL`].
-    pub errors: [u64; ErrorType::ALL.len()],
+    pub(crate) errors: [u64; ErrorType::ALL.len()],
     /// Input tokens served from cache (part of `input_tokens`).
-    pub cached_tokens: u64,
+    pub(crate) cached_tokens: u64,
     /// When the series last changed, for expiry.
-    pub updated_at: f64,
+    pub(crate) updated_at: f64,
 }
 
 /// A latency histogram of one (channel, model) pair.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`]; the last slot is +Inf.
-    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    pub(crate) buckets: [u64; LATENCY_BUCKETS.len() + 1],
     /// Sum of observations in seconds.
-    pub sum: f64,
+    pub(crate) sum: f64,
     /// Number of observations.
-    pub count: u64,
+    pub(crate) count: u64,
     /// The latest observation that names its call, shown in OpenMetrics on
     /// the bucket it fell in.
-    pub exemplar: Option<Exemplar>,
+    pub(crate) exemplar: Option<Exemplar>,
 }
 
 /// What an exemplar names: the call's row or the sender's trace.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ExemplarLabel {
+pub(crate) enum ExemplarLabel {
     /// The `id` of the call's row in `llm_usage`.
     UsageId(i64),
     /// The `trace_id` the bot sent with the call.
@@ -224,15 +225,15 @@ pub enum ExemplarLabel {
 
 /// One observation shown as an OpenMetrics exemplar.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Exemplar {
+pub(crate) struct Exemplar {
     /// The index in [`Latency::buckets`] the observation fell in.
-    pub bucket: usize,
+    pub(crate) bucket: usize,
     /// The call it names.
-    pub label: ExemplarLabel,
+    pub(crate) label: ExemplarLabel,
     /// The observed latency in seconds.
-    pub value: f64,
+    pub(crate) value: f64,
     /// When the exporter received the call, Unix seconds.
-    pub timestamp: f64,
+    pub(crate) timestamp: f64,
 }
 
 impl Latency {
@@ -253,19 +254,19 @@ impl Latency {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// The tracked bots.
-    pub bots: Vec<Bot>,
+    pub(crate) bots: Vec<Bot>,
     /// The LLM series.
-    pub llm: Vec<(LlmKey, LlmSeries)>,
+    pub(crate) llm: Vec<(LlmKey, LlmSeries)>,
     /// The latency histograms by (channel, model).
-    pub latencies: Vec<((String, String), Latency)>,
+    pub(crate) latencies: Vec<((String, String), Latency)>,
     /// The time-to-first-token histograms by (channel, model).
-    pub ttfts: Vec<((String, String), Latency)>,
+    pub(crate) ttfts: Vec<((String, String), Latency)>,
     /// The bots with a budget and their spend; empty without `--budgets.file`.
-    pub budgets: Vec<BudgetLine>,
+    pub(crate) budgets: Vec<BudgetLine>,
 }
 
 /// Key of an LLM series.
-pub type LlmKey = (String, String, String);
+pub(crate) type LlmKey = (String, String, String);
 
 /// Settings of the state machine.
 #[derive(Debug, Clone)]
@@ -397,7 +398,7 @@ impl State {
 
     /// Takes `llm_usage` row ids from `ids` from now on, so that each call's
     /// row id is known at ingest and can name the call in its exemplar.
-    pub fn set_usage_ids(&mut self, ids: std::sync::Arc<UsageIds>) {
+    pub(crate) fn set_usage_ids(&mut self, ids: std::sync::Arc<UsageIds>) {
         self.usage_ids = Some(ids);
     }
 
@@ -405,7 +406,7 @@ impl State {
     /// series continue. Bots last seen longer ago than the expiry are left in
     /// the database only. Online bots keep their last heartbeat time and go
     /// stale at the next tick if they died while the exporter was down.
-    pub fn restore(&mut self, bots: Vec<RestoredBot>, now: f64) -> usize {
+    pub(crate) fn restore(&mut self, bots: Vec<RestoredBot>, now: f64) -> usize {
         let mut restored = 0;
         for b in bots {
             if now - b.last_seen > self.config.expiry || self.bots.len() >= self.config.max_bots {
@@ -554,7 +555,7 @@ impl State {
     /// Marks bots whose last `bot_status` row never reached the database
     /// (dropped from a full queue), so the next [`State::tick`] or
     /// [`State::flush`] writes their current state again.
-    pub fn mark_unwritten(&mut self, channels: Vec<String>) {
+    pub(crate) fn mark_unwritten(&mut self, channels: Vec<String>) {
         for channel in channels {
             if let Some(bot) = self.bots.get_mut(&channel) {
                 bot.dirty = true;
@@ -733,7 +734,7 @@ impl State {
 
     /// The bots the sampler should look at: visible pids of bots that are
     /// not offline (they exited cleanly) or already dead.
-    pub fn sample_targets(&self) -> Vec<(String, u32)> {
+    pub(crate) fn sample_targets(&self) -> Vec<(String, u32)> {
         self.bots
             .values()
             .filter(|b| b.visibility == Visibility::Local && matches!(b.status, Status::Online | Status::Stale))
@@ -800,7 +801,7 @@ impl State {
 
     /// Writes every bot whose `last_seen` is behind, regardless of the
     /// coalescing interval. Used at shutdown so nothing is lost.
-    pub fn flush(&mut self, now: f64, out: &mut Vec<Row>) {
+    pub(crate) fn flush(&mut self, now: f64, out: &mut Vec<Row>) {
         out.append(&mut self.pending);
         for bot in self.bots.values_mut().filter(|b| b.dirty) {
             out.push(bot.status_row(now));
@@ -823,7 +824,7 @@ impl State {
     /// What a channel spent today (UTC) and its daily budget; `None` for
     /// what is not known (no `--budgets.file`, no daily budget, or a channel
     /// beyond the tracker's bound).
-    pub fn spend_today(&self, channel: &str) -> (Option<f64>, Option<f64>) {
+    pub(crate) fn spend_today(&self, channel: &str) -> (Option<f64>, Option<f64>) {
         match &self.budgets {
             Some(b) => (b.spend(channel).map(|s| s.day_usd), b.budgets().of(channel).and_then(|b| b.daily_usd)),
             None => (None, None),
@@ -832,51 +833,53 @@ impl State {
 
     /// The bots with a budget and their spend, sorted by channel; empty
     /// without `--budgets.file`.
-    pub fn budget_lines(&self) -> Vec<BudgetLine> {
+    pub(crate) fn budget_lines(&self) -> Vec<BudgetLine> {
         self.budgets.as_ref().map(|b| b.lines(self.bots.keys().map(String::as_str))).unwrap_or_default()
     }
 
     /// Starts tracking budgets (at start, with the spend read from the
     /// database).
-    pub fn set_spend_tracker(&mut self, tracker: SpendTracker) {
+    pub(crate) fn set_spend_tracker(&mut self, tracker: SpendTracker) {
         self.budgets = Some(tracker);
     }
 
     /// Replaces the budgets (on reload); the spend counted so far stays.
     /// Without a tracker (no `--budgets.file` at start) it does nothing.
-    pub fn set_budgets(&mut self, budgets: Budgets) {
+    pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
         if let Some(b) = self.budgets.as_mut() {
             b.set_budgets(budgets);
         }
     }
 
     /// The CPU seconds of all of a bot's processes seen while tracked.
-    pub fn cpu_seconds_total(bot: &Bot) -> f64 {
+    pub(crate) fn cpu_seconds_total(bot: &Bot) -> f64 {
         bot.cpu_base + bot.process.map_or(0.0, |p| p.cpu_seconds)
     }
 
     /// The tracked bots.
-    pub fn bots(&self) -> impl Iterator<Item = &Bot> {
+    pub(crate) fn bots(&self) -> impl Iterator<Item = &Bot> {
         self.bots.values()
     }
 
     /// Number of tracked bots.
-    pub fn bot_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn bot_count(&self) -> usize {
         self.bots.len()
     }
 
     /// The LLM series.
-    pub fn llm_series(&self) -> impl Iterator<Item = (&LlmKey, &LlmSeries)> {
+    #[cfg(test)]
+    pub(crate) fn llm_series(&self) -> impl Iterator<Item = (&LlmKey, &LlmSeries)> {
         self.llm.iter()
     }
 
     /// The price table in force.
-    pub fn pricing(&self) -> &PriceTable {
+    pub(crate) fn pricing(&self) -> &PriceTable {
         &self.pricing
     }
 
     /// Replaces the price table (on reload); later calls use the new prices.
-    pub fn set_pricing(&mut self, pricing: PriceTable) {
+    pub(crate) fn set_pricing(&mut self, pricing: PriceTable) {
         self.pricing = pricing;
     }
 }

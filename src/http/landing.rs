@@ -22,11 +22,11 @@ const REFRESH_MS: u32 = 5000;
 /// budgets know of it.
 pub(super) struct BotView {
     /// The bot, copied under the lock.
-    pub bot: Bot,
+    pub(crate) bot: Bot,
     /// USD spent today (UTC), when budgets track the bot.
-    pub spend_today: Option<f64>,
+    pub(crate) spend_today: Option<f64>,
     /// The bot's daily budget in USD, if it has one.
-    pub budget_today: Option<f64>,
+    pub(crate) budget_today: Option<f64>,
 }
 
 /// A snapshot of the bots, sorted by channel, taken under the lock.
@@ -55,7 +55,7 @@ pub(super) fn rank(s: Status) -> u8 {
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
-pub fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

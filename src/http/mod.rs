@@ -36,43 +36,43 @@ use crate::reload::Reloader;
 use crate::state::State;
 use crate::store::WriterStatus;
 
-pub use scrape::ScrapeCache;
-pub use server::{bind, serve, Limits};
+pub(crate) use scrape::ScrapeCache;
+pub(crate) use server::{bind, serve, Limits};
 
 /// What the HTTP handlers read.
-pub struct App {
+pub(crate) struct App {
     /// Metrics and their registry.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// The live registry of bots.
-    pub state: Arc<Mutex<State>>,
+    pub(crate) state: Arc<Mutex<State>>,
     /// Where metrics are served.
-    pub telemetry_path: String,
+    pub(crate) telemetry_path: String,
     /// The socket path, for the landing page and health.
-    pub socket_path: PathBuf,
+    pub(crate) socket_path: PathBuf,
     /// The database path, for health.
-    pub db_path: PathBuf,
+    pub(crate) db_path: PathBuf,
     /// True while the socket accepts connections.
-    pub socket_listening: Arc<AtomicBool>,
+    pub(crate) socket_listening: Arc<AtomicBool>,
     /// Liveness of the writer thread.
-    pub writer: Arc<WriterStatus>,
+    pub(crate) writer: Arc<WriterStatus>,
     /// Re-reads the pricing file.
-    pub reloader: Arc<Reloader>,
+    pub(crate) reloader: Arc<Reloader>,
     /// Whether `POST /-/reload` is allowed.
-    pub enable_lifecycle: bool,
+    pub(crate) enable_lifecycle: bool,
     /// Bounds on `/api/usage` queries.
-    pub usage: UsageLimits,
+    pub(crate) usage: UsageLimits,
     /// Renders shared by concurrent scrapes, and the response memory budget.
-    pub scrapes: ScrapeCache,
+    pub(crate) scrapes: ScrapeCache,
 }
 
 /// Bounds on `/api/usage` queries, which read SQLite and can be slow on a
 /// large file.
-pub struct UsageLimits {
+pub(crate) struct UsageLimits {
     /// One permit per query running; a query's thread holds it until it ends,
     /// even if its client has gone, so the bound counts real work.
-    pub permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
     /// A query is stopped after this long.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Set at shutdown: running queries stop.
-    pub stopping: Arc<AtomicBool>,
+    pub(crate) stopping: Arc<AtomicBool>,
 }

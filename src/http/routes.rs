@@ -133,7 +133,7 @@ async fn large_page(
 
 /// Whether an `Accept-Encoding` value accepts gzip, honouring q-values:
 /// `gzip;q=0` refuses it, and `*` stands for it when gzip is not named.
-pub fn accepts_gzip(header: &str) -> bool {
+pub(crate) fn accepts_gzip(header: &str) -> bool {
     let mut star = None;
     for (coding, q) in weighted(header) {
         match coding.as_str() {

@@ -100,7 +100,7 @@ impl AsRef<[u8]> for Gzip {
 /// page, the bots list) count in the same budget and answer 503 beyond it,
 /// so a client that requests and never reads cannot make the exporter hold
 /// more.
-pub struct ScrapeCache {
+pub(crate) struct ScrapeCache {
     /// The newest render of each format: the text format, then OpenMetrics.
     current: tokio::sync::Mutex<[Weak<Generation>; 2]>,
     live: IntGauge,
@@ -109,12 +109,12 @@ pub struct ScrapeCache {
 
 impl ScrapeCache {
     /// An empty cache: bodies count in `live`, at most `budget` bytes.
-    pub fn new(live: IntGauge, budget: usize) -> ScrapeCache {
+    pub(crate) fn new(live: IntGauge, budget: usize) -> ScrapeCache {
         ScrapeCache { current: tokio::sync::Mutex::new([Weak::new(), Weak::new()]), live, budget }
     }
 
     /// Bytes held by large response bodies now.
-    pub fn live_bytes(&self) -> usize {
+    pub(crate) fn live_bytes(&self) -> usize {
         usize::try_from(self.live.get()).unwrap_or(0)
     }
 

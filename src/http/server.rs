@@ -66,7 +66,7 @@ const MAX_REQUEST_BODY: u64 = 4 * 1024;
 /// Binds one listener per `--web.listen-address`; the bound addresses are
 /// returned so that port 0 works. A host name binds the first address it
 /// resolves to that can be bound.
-pub async fn bind(addrs: &[ListenAddress]) -> Result<Vec<(TcpListener, SocketAddr)>> {
+pub(crate) async fn bind(addrs: &[ListenAddress]) -> Result<Vec<(TcpListener, SocketAddr)>> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let err = |source| Error::HttpBind { addr: addr.to_string(), source };
@@ -91,12 +91,12 @@ pub async fn bind(addrs: &[ListenAddress]) -> Result<Vec<(TcpListener, SocketAdd
 
 /// Connection limits of the HTTP server.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most connections open at once. When full, a new connection closes
     /// the one that has waited longest for a request (a slowloris peer or
     /// an idle keep-alive); if every connection is serving a request, the
     /// new one is closed instead.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
 }
 
 /// What every connection task shares.
@@ -111,7 +111,7 @@ struct Shared {
 /// and response headers; `limits` bounds the open connections.
 /// Every listener shares the connection limit, the authentication and the
 /// handlers.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Vec<TcpListener>,
     app: Arc<App>,
     web: WebConfig,

@@ -13,8 +13,8 @@
 //! - [`spend`]: the spend per channel since the start of the day and month, for budgets.
 
 pub(crate) mod schema;
-pub mod spend;
-pub mod usage;
+pub(crate) mod spend;
+pub(crate) mod usage;
 mod writer;
 
 use std::collections::HashSet;
@@ -30,43 +30,44 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use crate::error::{Error, Result};
 use crate::row::{RestoredBot, Row, UsageIds};
 
-pub use schema::{DbOptions, SCHEMA_VERSION};
+pub(crate) use schema::DbOptions;
+pub use schema::SCHEMA_VERSION;
 
 /// Liveness of the writer thread, for `/health`.
 #[derive(Debug, Default)]
-pub struct WriterStatus {
+pub(crate) struct WriterStatus {
     /// The writer opened the database and runs its loop.
-    pub running: AtomicBool,
+    pub(crate) running: AtomicBool,
     /// Unix seconds of the writer's last loop iteration (it wakes at least
     /// once a second even when idle, so an old value means it is stuck).
-    pub last_loop: AtomicU64,
+    pub(crate) last_loop: AtomicU64,
 }
 
 /// The metrics the queue and the writer update: a handle of their own, so
 /// the store does not depend on the whole metrics module.
 #[derive(Clone)]
-pub struct WriterMetrics {
+pub(crate) struct WriterMetrics {
     /// Rows waiting for the writer.
-    pub queue_depth: IntGauge,
+    pub(crate) queue_depth: IntGauge,
     /// Rows committed.
-    pub rows_written: IntCounter,
+    pub(crate) rows_written: IntCounter,
     /// Rows deleted by retention, by table.
-    pub rows_deleted: IntCounterVec,
+    pub(crate) rows_deleted: IntCounterVec,
     /// Failed transactions.
-    pub write_errors: IntCounter,
+    pub(crate) write_errors: IntCounter,
     /// 1 while the last write succeeded.
-    pub db_up: IntGauge,
+    pub(crate) db_up: IntGauge,
     /// Rows dropped because the queue was full.
-    pub dropped_full: IntCounter,
+    pub(crate) dropped_full: IntCounter,
     /// Rows dropped because the writer had stopped.
-    pub dropped_closed: IntCounter,
+    pub(crate) dropped_closed: IntCounter,
     /// Rows dropped because the database failed during shutdown.
-    pub dropped_db: IntCounter,
+    pub(crate) dropped_db: IntCounter,
 }
 
 /// The sending side of the writer queue. Cheap to clone; never blocks.
 #[derive(Clone)]
-pub struct Sink {
+pub(crate) struct Sink {
     tx: Sender<Row>,
     /// Rows queued and not yet taken by the writer; the queue's bound.
     pending: Arc<AtomicI64>,
@@ -81,7 +82,7 @@ pub struct Sink {
 impl Sink {
     /// Queues a row for the writer, or counts it dropped if the queue is full.
     /// Returns whether the row was queued.
-    pub fn send(&self, row: Row) -> bool {
+    pub(crate) fn send(&self, row: Row) -> bool {
         // The channel itself is unbounded (a bounded one preallocates every
         // slot, megabytes at idle); `pending` is the bound. Reserve a place
         // before sending so the writer's decrement can never go below zero.
@@ -98,7 +99,7 @@ impl Sink {
     /// which sends at most one `bot_status` row per tracked bot (bounded by
     /// `--limits.max-bots`): the latest state of every bot must reach the
     /// file, and the writer drains the queue before it stops.
-    pub fn send_final(&self, row: Row) -> bool {
+    pub(crate) fn send_final(&self, row: Row) -> bool {
         self.pending.fetch_add(1, Ordering::AcqRel);
         self.enqueue(row)
     }
@@ -126,7 +127,7 @@ impl Sink {
 
     /// The channels whose latest `bot_status` row was dropped since the last
     /// call; the caller marks them to be written again.
-    pub fn take_unwritten(&self) -> Vec<String> {
+    pub(crate) fn take_unwritten(&self) -> Vec<String> {
         let mut set = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
         if set.is_empty() {
             return Vec::new();
@@ -137,11 +138,11 @@ impl Sink {
 
 /// How long history is kept. `None` keeps a table forever.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// `bot_metrics` and `bot_events`: high-volume samples and lifecycle events.
-    pub samples: Option<Duration>,
+    pub(crate) samples: Option<Duration>,
     /// `llm_usage`: the cost ledger, kept forever unless asked.
-    pub llm_usage: Option<Duration>,
+    pub(crate) llm_usage: Option<Duration>,
 }
 
 impl Retention {
@@ -160,21 +161,21 @@ impl Retention {
 
 /// Settings of the writer thread.
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     /// The database file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Queue capacity in rows.
-    pub queue_capacity: usize,
+    pub(crate) queue_capacity: usize,
     /// Most rows per transaction.
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// How long history rows are kept.
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// How the database is opened.
-    pub options: DbOptions,
+    pub(crate) options: DbOptions,
 }
 
 /// A running writer thread.
-pub struct Writer {
+pub(crate) struct Writer {
     thread: JoinHandle<()>,
     shutting_down: Arc<AtomicBool>,
 }
@@ -183,13 +184,13 @@ impl Writer {
     /// Tells the writer that no more rows will come once the queue
     /// disconnects, so it gives up retrying a failing database after a
     /// bounded number of attempts instead of forever.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
     /// Waits for the thread to drain the queue and close the database. Call
     /// after every [`Sink`] is dropped.
-    pub fn join(self) -> Result<()> {
+    pub(crate) fn join(self) -> Result<()> {
         self.begin_shutdown();
         self.thread.join().map_err(|_| Error::WriterGone)
     }
@@ -200,7 +201,7 @@ impl Writer {
 /// `usage_ids`, then serves the queue. Blocks until the
 /// database is open, so call it from a blocking context (it is the only
 /// place SQLite is opened for writing).
-pub fn start(
+pub(crate) fn start(
     config: StoreConfig,
     metrics: WriterMetrics,
     status: Arc<WriterStatus>,

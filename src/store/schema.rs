@@ -44,7 +44,7 @@ pub const SCHEMA_VERSION: i64 = 3;
 /// ordered so that the exporter's own RFC 3339 text, by far the most common
 /// value, costs one `GLOB` and one `julianday` per row written: this runs on
 /// every insert. [`crate::clock::parse_time`] is its Rust twin.
-pub const TS_SECONDS: &str = "(CASE \
+pub(crate) const TS_SECONDS: &str = "(CASE \
 WHEN typeof(ts) IN ('integer', 'real') THEN (CASE WHEN ts > 1e11 THEN ts / 1000.0 ELSE ts * 1.0 END) \
 WHEN ts GLOB '*[^0-9.]*' THEN \
 (CASE WHEN ts GLOB '[Nn][Oo][Ww]' THEN NULL ELSE (julianday(ts) - 2440587.5) * 86400.0 END) \
@@ -53,13 +53,13 @@ ELSE (CASE WHEN CAST(ts AS REAL) > 1e11 THEN CAST(ts AS REAL) / 1000.0 ELSE CAST
 
 /// How the database is opened.
 #[derive(Debug, Clone, Copy)]
-pub struct DbOptions {
+pub(crate) struct DbOptions {
     /// How long SQLite waits for another process's lock.
-    pub busy_timeout: Duration,
+    pub(crate) busy_timeout: Duration,
     /// Most database pages (`PRAGMA max_page_count`); `None` for no limit.
-    pub max_pages: Option<u64>,
+    pub(crate) max_pages: Option<u64>,
     /// Write a backup copy before the first schema change to an existing file.
-    pub backup: bool,
+    pub(crate) backup: bool,
 }
 
 /// SQLite page cache per connection, in KiB (negative `cache_size`): large

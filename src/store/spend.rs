@@ -18,7 +18,7 @@ use super::usage::{key, number, MAX_GROUPS};
 use crate::pricing::PriceTable;
 
 /// USD since the day and since the month began, by channel.
-pub type SpendByChannel = HashMap<String, (f64, f64)>;
+pub(crate) type SpendByChannel = HashMap<String, (f64, f64)>;
 
 /// Tokens of rows stored without a cost, priced once per (channel, model).
 #[derive(Default)]
@@ -32,7 +32,7 @@ struct Free {
 /// their model, as `/api/usage` does; others count as 0. At most
 /// [`MAX_GROUPS`] distinct (channel, model) pairs are summed; rows of
 /// further pairs are left out, and the caller is told how many.
-pub fn spend_since(
+pub(crate) fn spend_since(
     path: &Path,
     pricing: &PriceTable,
     day_start: f64,

@@ -20,7 +20,7 @@ use crate::pricing::PriceTable;
 
 /// How `/api/usage` groups its sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupBy {
+pub(crate) enum GroupBy {
     /// By bot channel.
     Channel,
     /// By model name.
@@ -31,7 +31,7 @@ pub enum GroupBy {
 
 impl GroupBy {
     /// Parses `channel`, `model` or `feature`.
-    pub fn parse(s: &str) -> Option<GroupBy> {
+    pub(crate) fn parse(s: &str) -> Option<GroupBy> {
         match s {
             "channel" => Some(GroupBy::Channel),
             "model" => Some(GroupBy::Model),
@@ -41,7 +41,7 @@ impl GroupBy {
     }
 
     /// The column name; one of three fixed strings, safe to put in SQL.
-    pub fn column(self) -> &'static str {
+    pub(crate) fn column(self) -> &'static str {
         match self {
             GroupBy::Channel => "channel",
             GroupBy::Model => "model",
@@ -52,34 +52,34 @@ impl GroupBy {
 
 /// Sums of `llm_usage` rows for one group.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct UsageGroup {
+pub(crate) struct UsageGroup {
     /// The channel, model or feature (empty for the total).
-    pub key: String,
+    pub(crate) key: String,
     /// Calls.
-    pub requests: i64,
+    pub(crate) requests: i64,
     /// Prompt tokens.
-    pub tokens_in: i64,
+    pub(crate) tokens_in: i64,
     /// Completion tokens.
-    pub tokens_out: i64,
+    pub(crate) tokens_out: i64,
     /// USD: the stored costs plus the estimated ones.
-    pub cost_usd: f64,
+    pub(crate) cost_usd: f64,
     /// The part of `cost_usd` estimated from the price table for rows stored
     /// without a cost (legacy rows from before costs were recorded).
-    pub estimated_cost_usd: f64,
+    pub(crate) estimated_cost_usd: f64,
     /// Rows whose cost was estimated from the price table.
-    pub estimated_requests: i64,
+    pub(crate) estimated_requests: i64,
     /// Calls whose model the price table does not name and whose cost the
     /// bot did not report: rows stored without a cost for such a model, and
     /// rows priced at the default price (`cost_source = 'fallback'`), as
     /// `kissbot_llm_unpriced_requests_total` counts them.
-    pub unpriced_requests: i64,
+    pub(crate) unpriced_requests: i64,
     /// Calls reported as failed.
-    pub errors: i64,
+    pub(crate) errors: i64,
 }
 
 impl UsageGroup {
     /// Adds another group's sums to this one.
-    pub fn add(&mut self, g: &UsageGroup) {
+    pub(crate) fn add(&mut self, g: &UsageGroup) {
         self.requests += g.requests;
         self.tokens_in += g.tokens_in;
         self.tokens_out += g.tokens_out;
@@ -93,22 +93,22 @@ impl UsageGroup {
 
 /// One `/api/usage` request.
 #[derive(Debug, Clone)]
-pub struct UsageQuery {
+pub(crate) struct UsageQuery {
     /// The database file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Only rows at or after this instant (Unix seconds); `None` for all.
-    pub since: Option<f64>,
+    pub(crate) since: Option<f64>,
     /// The grouping.
-    pub group_by: GroupBy,
+    pub(crate) group_by: GroupBy,
     /// The table that prices rows stored without a cost.
-    pub pricing: PriceTable,
+    pub(crate) pricing: PriceTable,
     /// The query is abandoned after this long.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Why a usage query stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
+pub(crate) enum Stopped {
     /// Its time limit passed.
     Timeout,
     /// Its client went away or the exporter is shutting down.
@@ -131,7 +131,7 @@ pub(crate) fn key(v: ValueRef<'_>) -> String {
 /// model (and marked estimated), and counted as unpriced otherwise. Blocks:
 /// call it on a thread of its own. `cancel` is polled while SQLite works.
 /// `stopping` is the exporter's own flag, set at shutdown.
-pub fn usage_totals(
+pub(crate) fn usage_totals(
     q: &UsageQuery,
     cancel: Arc<AtomicBool>,
     stopping: Arc<AtomicBool>,
@@ -177,7 +177,7 @@ pub fn usage_totals(
 
 /// Why a usage query gave no answer.
 #[derive(Debug)]
-pub enum UsageError {
+pub(crate) enum UsageError {
     /// It was stopped on purpose.
     Stopped(Stopped),
     /// The database failed.
@@ -187,7 +187,7 @@ pub enum UsageError {
 /// Most distinct (group, model) pairs a query may sum; a file with more
 /// (millions of distinct channels, say) is answered with an error rather
 /// than with an unbounded amount of memory.
-pub const MAX_GROUPS: usize = 100_000;
+pub(crate) const MAX_GROUPS: usize = 100_000;
 
 /// Sums of the rows of one (group, model) pair.
 #[derive(Default)]

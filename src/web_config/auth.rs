@@ -21,7 +21,7 @@ const AUTH_CACHE_CAPACITY: usize = 1024;
 /// remembered for a minute under the SHA-256 of the header, so that a
 /// scraper presenting the same credentials every few seconds costs one
 /// verification a minute.
-pub struct BasicAuth {
+pub(crate) struct BasicAuth {
     users: HashMap<String, String>,
     dummy_cost: u32,
     dummy: OnceLock<String>,
@@ -48,13 +48,13 @@ impl BasicAuth {
     }
 
     /// The configured user names.
-    pub fn users(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn users(&self) -> impl Iterator<Item = &str> {
         self.users.keys().map(String::as_str)
     }
 
     /// Whether the `Authorization` header value names a configured user
     /// with the right password.
-    pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> bool {
+    pub(crate) async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> bool {
         let Some(header) = header else { return false };
         let key: [u8; 32] = match ring::digest::digest(&ring::digest::SHA256, header).as_ref().try_into() {
             Ok(k) => k,

@@ -48,7 +48,7 @@ const ALLOWED_HEADERS: &[&str] = &[
 /// A validated web configuration. The default is plain HTTP without
 /// authentication.
 #[derive(Clone, Default)]
-pub struct WebConfig {
+pub(crate) struct WebConfig {
     path: Option<PathBuf>,
     tls: Option<Arc<ServerConfig>>,
     auth: Option<Arc<BasicAuth>>,
@@ -70,7 +70,7 @@ impl WebConfig {
     /// Reads and validates a web configuration file: YAML syntax, known
     /// keys, bcrypt hashes, and that the certificate, key and client CA
     /// files load. An empty file is valid and changes nothing.
-    pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| WebConfigError::Read {
             path: path.to_owned(),
             what: "the file",
@@ -81,7 +81,7 @@ impl WebConfig {
     }
 
     /// [`WebConfig::load`] when a path is given; the default otherwise.
-    pub fn load_optional(path: Option<&Path>) -> Result<WebConfig, WebConfigError> {
+    pub(crate) fn load_optional(path: Option<&Path>) -> Result<WebConfig, WebConfigError> {
         match path {
             Some(p) => WebConfig::load(p),
             None => Ok(WebConfig::default()),
@@ -90,7 +90,7 @@ impl WebConfig {
 
     /// Validates `text` as the content of the file at `path` (relative
     /// paths inside start at the directory of `path`).
-    pub fn parse(path: &Path, text: &str) -> Result<WebConfig, WebConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<WebConfig, WebConfigError> {
         let invalid = |reason: String| WebConfigError::Invalid { path: path.to_owned(), reason };
         let raw: RawWebConfig = serde_yaml_ng::from_str::<Option<RawWebConfig>>(text)
             .map_err(|e| WebConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?
@@ -127,17 +127,17 @@ impl WebConfig {
     }
 
     /// The rustls server configuration when TLS is on.
-    pub fn tls(&self) -> Option<Arc<ServerConfig>> {
+    pub(crate) fn tls(&self) -> Option<Arc<ServerConfig>> {
         self.tls.clone()
     }
 
     /// The basic-auth verifier when users are configured.
-    pub fn basic_auth(&self) -> Option<Arc<BasicAuth>> {
+    pub(crate) fn basic_auth(&self) -> Option<Arc<BasicAuth>> {
         self.auth.clone()
     }
 
     /// Extra response headers from `http_server_config.headers`.
-    pub fn headers(&self) -> &[(String, String)] {
+    pub(crate) fn headers(&self) -> &[(String, String)] {
         &self.headers
     }
 }

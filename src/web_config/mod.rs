@@ -36,12 +36,12 @@ mod tls;
 
 use std::path::{Path, PathBuf};
 
-pub use auth::BasicAuth;
-pub use file::WebConfig;
+pub(crate) use auth::BasicAuth;
+pub(crate) use file::WebConfig;
 
 /// Why a web configuration file was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum WebConfigError {
+pub(crate) enum WebConfigError {
     /// A file could not be read.
     #[error("web config {path}: cannot read {what} {file}: {source}")]
     Read {

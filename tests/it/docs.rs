@@ -102,3 +102,85 @@ fn the_readme_is_an_entry_point() {
         assert!(readme.contains(doc), "README points to {doc}");
     }
 }
+
+/// The modules a source file of the exporter names through `crate::`, outside
+/// its unit tests and comments.
+fn crate_paths(source: &str) -> BTreeSet<String> {
+    let code = source.split("#[cfg(test)]\nmod tests").next().unwrap_or(source);
+    let mut found = BTreeSet::new();
+    for line in code.lines().map(str::trim_start).filter(|l| !l.starts_with("//")) {
+        let mut rest = line;
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            // `use crate::{a::X, b::Y}` names several modules at once.
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group.split('}').next().unwrap_or("").split(',').collect(),
+                None => vec![rest],
+            };
+            for name in names {
+                let name: String = name.trim().chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                if !name.is_empty() && name != "testing" {
+                    found.insert(name);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_module_graph_in_architecture_md_is_the_real_one_and_has_no_cycle() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    // The real graph: every top-level module of src/ and what its files name.
+    let mut real: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    let mut stack = vec![std::path::PathBuf::from(format!("{root}/src"))];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let rel = path.strip_prefix(format!("{root}/src")).unwrap().to_string_lossy().into_owned();
+            let module = rel.split('/').next().unwrap().trim_end_matches(".rs").to_owned();
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            let mut uses = crate_paths(&std::fs::read_to_string(&path).unwrap());
+            uses.remove(&module);
+            real.entry(module).or_default().extend(uses);
+        }
+    }
+    // The documented graph: `a ───▶ b, c` lines and the list of leaves.
+    let doc = read("ARCHITECTURE.md");
+    let block = doc.split("## Module graph").nth(1).and_then(|s| s.split("```").nth(1)).expect("module graph block");
+    let mut documented: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some((from, to)) = line.split_once('▶') {
+            let from = from.trim_end_matches(['─', ' ']).trim().to_owned();
+            let to = to.split('(').next().unwrap();
+            documented.insert(from, to.split(',').map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect());
+        } else if let Some(leaves) = line.strip_suffix(": no crate module") {
+            for leaf in leaves.split(',') {
+                documented.insert(leaf.trim().to_owned(), BTreeSet::new());
+            }
+        }
+    }
+    assert_eq!(real, documented, "ARCHITECTURE.md's module graph differs from the `crate::` paths of src/");
+    // No cycle: repeatedly remove the modules that use nothing left.
+    let mut left = real.clone();
+    while !left.is_empty() {
+        let leaves: Vec<String> = left
+            .iter()
+            .filter(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
+            .map(|(m, _)| m.clone())
+            .collect();
+        assert!(!leaves.is_empty(), "the modules {:?} use each other in a cycle", left.keys().collect::<Vec<_>>());
+        for m in leaves {
+            left.remove(&m);
+        }
+    }
+}
