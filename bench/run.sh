@@ -14,6 +14,9 @@
 #   BENCH_WAIT_IDLE  seconds to wait for other cargo/rustc processes to end
 #                    before measuring (default 600; the figures are only
 #                    meaningful on an otherwise idle machine)
+#   BENCH_EXPORTER   another kissbot-exporter binary to measure (an older
+#                    build, say) with this tree's load generator and
+#                    scenarios, so that two builds are compared on equal terms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +30,7 @@ SUMMARY=$OUT/summary.txt
 # At the workspace root, --bins builds the binaries of every default member:
 # the exporter and tools/loadgen.
 cargo build --release --locked --bins
-BIN=$PWD/target/release/kissbot-exporter
+BIN=${BENCH_EXPORTER:-$PWD/target/release/kissbot-exporter}
 LG=$PWD/target/release/kissbot-loadgen
 
 WORK=$(mktemp -d)
@@ -58,6 +61,7 @@ say "nproc:   $(nproc)"
 say "cpu:     $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
 say "kernel:  $(uname -r)"
 say "rustc:   $(rustc --version)"
+say "exporter: $("$BIN" --version)${BENCH_EXPORTER:+ (BENCH_EXPORTER)}"
 say "other builds running at start: $( (pgrep -x cargo; pgrep -x rustc) | wc -l)"
 
 # start_exporter NAME [FLAGS...]: a fresh exporter in $WORK/NAME; sets
