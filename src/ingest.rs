@@ -104,8 +104,22 @@ impl Ingest {
         for r in &rejections {
             self.reject(r);
         }
+        // The ids of `llm_usage` rows the full queue dropped, first to last.
+        let mut dropped: Option<(i64, i64)> = None;
         for row in rows {
-            self.sink.send(row);
+            let id = match &row {
+                Row::LlmUsage { id, .. } => *id,
+                _ => None,
+            };
+            if !self.sink.send(row) {
+                if let Some(id) = id {
+                    dropped = Some(dropped.map_or((id, id), |(lo, hi)| (lo.min(id), hi.max(id))));
+                }
+            }
+        }
+        // Their calls' exemplars would name rows that never reach the file.
+        if let Some((lo, hi)) = dropped {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).forget_exemplars(lo..=hi);
         }
     }
 

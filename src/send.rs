@@ -102,6 +102,10 @@ pub struct SendArgs {
     #[arg(long = "error-type")]
     pub error_type: Option<String>,
 
+    /// The trace the LLM call belongs to (at most 64 of 0-9A-Za-z_-), shown as its latency exemplar.
+    #[arg(long = "trace-id")]
+    pub trace_id: Option<String>,
+
     /// Path of the exporter's Unix socket.
     #[arg(long = "socket.path", env = "KISSBOT_EXPORTER_SOCKET_PATH", default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: PathBuf,
@@ -157,6 +161,7 @@ impl SendArgs {
                     failed: self.failed || self.error_type.is_some(),
                     ttft_ms: self.ttft_ms,
                     error_type: self.error_type.as_deref(),
+                    trace_id: self.trace_id.as_deref(),
                 })
             }
         };

@@ -402,6 +402,22 @@ impl State {
         self.usage_ids = Some(ids);
     }
 
+    /// Forgets the exemplars that name an `llm_usage` row in `dropped`: rows
+    /// that a full queue dropped were never written, and an exemplar must not
+    /// lead to a row that does not exist. The bucket shows no exemplar until
+    /// its next call. `dropped` may be wider than the rows actually dropped
+    /// (the caller passes the span from the first to the last): losing an
+    /// exemplar of a call that was written is harmless, naming a missing
+    /// row is not.
+    pub(crate) fn forget_exemplars(&mut self, dropped: std::ops::RangeInclusive<i64>) {
+        for h in self.latency.values_mut() {
+            if h.exemplar.as_ref().is_some_and(|e| matches!(e.label, ExemplarLabel::UsageId(id) if dropped.contains(&id)))
+            {
+                h.exemplar = None;
+            }
+        }
+    }
+
     /// Re-creates bots read back from the database at start-up, so their
     /// series continue. Bots last seen longer ago than the expiry are left in
     /// the database only. Online bots keep their last heartbeat time and go
@@ -966,6 +982,29 @@ mod tests {
         // No id left and no trace id: the row gets none, the exemplar stays.
         assert_eq!(id(&send(&mut s, &usage(r#","latency_ms":9000"#, ""), 7.0)), None);
         assert_eq!(exemplar(&s).label, ExemplarLabel::TraceId("t1".into()));
+    }
+
+    #[test]
+    fn exemplars_of_dropped_rows_are_forgotten() {
+        let mut s = state();
+        let ids = std::sync::Arc::new(UsageIds::new());
+        ids.add_block(10, 20);
+        s.set_usage_ids(ids);
+        let usage = |model: &str, trace: &str| {
+            format!(
+                r#"{{"type":"llm_usage","channel":"a","model":"{model}","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":100{trace}}}"#
+            )
+        };
+        send(&mut s, &usage("m1", ""), 1.0); // id 10
+        send(&mut s, &usage("m2", ""), 1.0); // id 11
+        send(&mut s, &usage("m3", r#","trace_id":"t""#), 1.0); // id 12, named by its trace
+        send(&mut s, &usage("m4", ""), 1.0); // id 13
+        s.forget_exemplars(11..=12);
+        let label = |m: &str| s.latency[&("a".to_owned(), m.to_owned())].exemplar.as_ref().map(|e| e.label.clone());
+        assert_eq!(label("m1"), Some(ExemplarLabel::UsageId(10)));
+        assert_eq!(label("m2"), None, "its row was dropped");
+        assert_eq!(label("m3"), Some(ExemplarLabel::TraceId("t".into())), "a trace exists without the row");
+        assert_eq!(label("m4"), Some(ExemplarLabel::UsageId(13)));
     }
 
     #[test]

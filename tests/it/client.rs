@@ -143,6 +143,7 @@ fn assert_client_agrees_with_parser(channel: &str, pid: Option<u32>, message: &M
             let want = error_type.map(str::to_ascii_lowercase).filter(|t| known.contains(&t.as_str()));
             let want = u.error.then(|| want.unwrap_or_else(|| "other".to_owned()));
             assert_eq!(u.error_type.map(|t| t.as_str().to_owned()), want);
+            assert_eq!(u.trace_id.as_deref(), call.trace_id.filter(|t| !t.is_empty()));
         }
         (m, e) => panic!("{m:?} read back as {e:?}"),
     }
@@ -202,6 +203,7 @@ fn client_refuses_exactly_what_the_exporter_rejects_at_every_limit() {
         assert_client_agrees_with_parser(&channel, pid, &Message::LlmUsage(LlmCall::new("m", "f", 1, 1)));
     }
     let long = at(MAX_LABEL_BYTES * 3);
+    let (trace_at_limit, trace_over_limit) = (at(64), at(65));
     let calls = [
         LlmCall::new("m", "f", 0, 0),
         LlmCall::new("", "f", 1, 1),
@@ -233,6 +235,12 @@ fn client_refuses_exactly_what_the_exporter_rejects_at_every_limit() {
         LlmCall::new("m", "f", 10, 1).error_type("quota_exceeded"),
         LlmCall::new("m", "f", 10, 1).error_type(""),
         LlmCall { error_type: Some("auth"), ..LlmCall::new("m", "f", 10, 1) },
+        LlmCall::new("m", "f", 1, 1).trace_id("4bf92f3577b34da6a3ce929d0e0e4736"),
+        LlmCall::new("m", "f", 1, 1).trace_id(&trace_at_limit),
+        LlmCall::new("m", "f", 1, 1).trace_id(&trace_over_limit),
+        LlmCall::new("m", "f", 1, 1).trace_id("span/1"),
+        LlmCall::new("m", "f", 1, 1).trace_id("caf\u{e9}"),
+        LlmCall::new("m", "f", 1, 1).trace_id(""),
     ];
     for call in calls {
         for pid in [None, Some(1), Some(0), Some(i32::MAX as u32 + 1)] {

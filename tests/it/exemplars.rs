@@ -208,3 +208,37 @@ fn real_prometheus_stores_the_exemplars() {
     assert_eq!(target["health"], "up", "{target}");
     assert_eq!(target["lastError"], "", "{target}");
 }
+
+#[test]
+fn no_exemplar_names_a_row_the_full_queue_dropped() {
+    // A 50-row queue and a database locked by another process: most of the
+    // 200 calls are dropped, the last ones certainly.
+    let e = Exporter::start(&["--db.busy-timeout=100ms", "--queue.capacity=50", "--db.batch-size=10"]);
+    let locker = e.db();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let lines: String = (0..200).map(|i| usage("full", 100.0 + f64::from(i), None) + "\n").collect();
+    e.send_raw(lines.as_bytes());
+    e.wait_metric("kissbot_llm_requests_total{channel=\"full\",model=\"gpt-4o\",feature=\"chat\"}", 200.0);
+    let dropped = e.metric(r#"kissbot_exporter_events_dropped_total{reason="queue_full"}"#).unwrap_or(0.0);
+    assert!(dropped > 0.0, "a 50-row queue cannot hold 200 rows");
+    let (_, during) = scrape(&e, "application/openmetrics-text");
+    locker.execute_batch("COMMIT").unwrap();
+    drop(locker);
+    crate::common::wait_until("the queue drained", Duration::from_secs(20), || e.metric("kissbot_exporter_queue_depth") == Some(0.0));
+    let named = |body: &str| -> Vec<i64> {
+        exemplars(body)
+            .iter()
+            .filter_map(|(_, ex)| ex.strip_prefix("{llm_usage_id=\""))
+            .map(|rest| rest.split('"').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let exists = |id: i64| e.count(&format!("SELECT COUNT(*) FROM llm_usage WHERE id = {id}")) == 1;
+    for id in named(&during) {
+        assert!(exists(id), "the exemplar names llm_usage row {id}, which was dropped:\n{during}");
+    }
+    // The next call, written, is named again.
+    e.send(&usage("full", 5000.0, None));
+    let id = row_id(&e, 5000.0);
+    let (_, after) = scrape(&e, "application/openmetrics-text");
+    assert_eq!(named(&after), vec![id], "{after}");
+}

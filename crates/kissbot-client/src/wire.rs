@@ -32,6 +32,8 @@ const MAX_LATENCY_MS: f64 = 86_400_000.0;
 
 /// The largest process id the exporter accepts.
 const MAX_PID: u32 = i32::MAX as u32;
+/// `MAX_TRACE_ID_BYTES` in the exporter's `event` module.
+const MAX_TRACE_ID_BYTES: usize = 64;
 
 /// One LLM call, as reported with
 /// [`MonitorClient::log_llm_usage`](crate::MonitorClient::log_llm_usage).
@@ -72,6 +74,10 @@ pub struct LlmCall<'a> {
     /// `client` or `other` (the exporter counts any other name as `other`).
     /// Sent as `error_type`, which marks the call as failed by itself.
     pub error_type: Option<&'a str>,
+    /// The id of the trace the call belongs to (at most 64 of `0-9A-Za-z_-`),
+    /// shown as the exemplar of the call's latency bucket so that a slow
+    /// bucket on a dashboard leads to the trace.
+    pub trace_id: Option<&'a str>,
 }
 
 impl<'a> LlmCall<'a> {
@@ -96,6 +102,7 @@ impl<'a> LlmCall<'a> {
             failed: false,
             ttft_ms: None,
             error_type: None,
+            trace_id: None,
         }
     }
 
@@ -183,6 +190,23 @@ impl<'a> LlmCall<'a> {
     pub fn error_type(mut self, error_type: &'a str) -> LlmCall<'a> {
         self.failed = true;
         self.error_type = Some(error_type);
+        self
+    }
+
+    /// Names the trace the call belongs to, e.g. the hex trace id of the
+    /// OpenTelemetry span around it. The exporter refuses the whole call if
+    /// the id is longer than 64 bytes or has characters other than
+    /// `0-9A-Za-z_-` (an altered id would name no trace), and so does the
+    /// client before sending; an empty id is no id.
+    ///
+    /// ```
+    /// use kissbot_client::LlmCall;
+    ///
+    /// let call = LlmCall::new("m", "f", 1, 1).trace_id("4bf92f3577b34da6a3ce929d0e0e4736");
+    /// assert_eq!(call.trace_id, Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    /// ```
+    pub fn trace_id(mut self, trace_id: &'a str) -> LlmCall<'a> {
+        self.trace_id = Some(trace_id);
         self
     }
 }
@@ -315,6 +339,17 @@ fn check(channel: &str, pid: Option<u32>, message: &Message<'_>) -> Result<(), R
         }
     }
     check_number(call.ttft_ms, "ttft_ms", MAX_LATENCY_MS)?;
+    if let Some(id) = call.trace_id.filter(|id| !id.is_empty()) {
+        if id.len() > MAX_TRACE_ID_BYTES {
+            return Err(Rejected::new(
+                "invalid_value",
+                format!("trace_id of {} bytes is longer than {MAX_TRACE_ID_BYTES}", id.len()),
+            ));
+        }
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(Rejected::new("invalid_value", "trace_id has characters outside [0-9A-Za-z_-]"));
+        }
+    }
     // An error type without "status": "error" is taken by the exporter as
     // a failed call; the encoder never writes "status": "ok", so it cannot
     // send the contradiction the exporter refuses.
@@ -395,6 +430,9 @@ fn write_line(buf: &mut Vec<u8>, channel: &str, pid: Option<u32>, message: &Mess
             }
             if let Some(error_type) = call.error_type {
                 map.serialize_entry("error_type", error_type)?;
+            }
+            if let Some(id) = call.trace_id.filter(|id| !id.is_empty()) {
+                map.serialize_entry("trace_id", id)?;
             }
         }
     }
