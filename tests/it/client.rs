@@ -68,6 +68,9 @@ fn unchecked_line(channel: &str, pid: Option<u32>, message: &Message<'_>) -> Str
             if let Some(error_type) = call.error_type {
                 o.insert("error_type".into(), error_type.into());
             }
+            if let Some(trace_id) = call.trace_id {
+                o.insert("trace_id".into(), trace_id.into());
+            }
         }
     }
     Value::Object(o).to_string()
@@ -283,6 +286,7 @@ proptest! {
         provider in proptest::option::of("[a-z]{0,6}"),
         tokens_cached in proptest::option::of(tokens()),
         failed in any::<bool>(),
+        trace_id in proptest::option::of("[0-9a-fA-F_ /-]{0,70}"),
     ) {
         let features: Vec<(&str, bool)> = features.iter().map(|(n, on)| (n.as_str(), *on)).collect();
         let message = match kind {
@@ -301,6 +305,7 @@ proptest! {
                 failed,
                 ttft_ms: latency_ms.map(|ms| ms / 2.0),
                 error_type: failed.then_some("timeout"),
+                trace_id: trace_id.as_deref(),
             }),
         };
         // Only usage may go without a pid; the client refuses the others

@@ -224,7 +224,9 @@ fn no_exemplar_names_a_row_the_full_queue_dropped() {
     let (_, during) = scrape(&e, "application/openmetrics-text");
     locker.execute_batch("COMMIT").unwrap();
     drop(locker);
-    crate::common::wait_until("the queue drained", Duration::from_secs(20), || e.metric("kissbot_exporter_queue_depth") == Some(0.0));
+    crate::common::wait_until("the queue drained", Duration::from_secs(20), || {
+        e.metric("kissbot_exporter_queue_depth") == Some(0.0)
+    });
     let named = |body: &str| -> Vec<i64> {
         exemplars(body)
             .iter()
