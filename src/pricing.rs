@@ -245,6 +245,13 @@ impl PriceTable {
                 (Some(n), None) if !n.trim().is_empty() => exact.push((Matcher::Exact(n.trim().to_lowercase()), price)),
                 (None, Some(p)) if !p.trim().is_empty() => {
                     let pattern = p.trim().to_lowercase();
+                    // `glob` reads braces literally, and a pattern that could
+                    // never match a model name would fail in silence.
+                    if pattern.contains(['{', '}']) {
+                        return Err(err(format!(
+                            "pattern {pattern:?}: `{{a,b}}` alternatives are not supported; write one entry per alternative"
+                        )));
+                    }
                     let glob = glob::Pattern::new(&pattern).map_err(|e| err(format!("pattern {pattern:?}: {e}")))?;
                     globs.push((Matcher::Glob(glob), price))
                 }
@@ -427,6 +434,13 @@ mod tests {
         assert!(!glob("claude-3-[57]-sonnet*", "claude-3-6-sonnet"));
         assert!(glob("a?c", "abc"));
         assert!(glob("*", ""));
+        // Alternatives are refused rather than matched literally.
+        let e = PriceTable::parse(
+            "[[model]]\npattern = \"gpt-{4o,4.1}-*\"\ninput = 1.0\noutput = 1.0\n",
+            Path::new("p.toml"),
+            None,
+        );
+        assert!(e.unwrap_err().to_string().contains("alternatives are not supported"));
         // A broken pattern is refused when the file is loaded.
         let e = PriceTable::parse(
             "[[model]]\npattern = \"gpt-[4\"\ninput = 1.0\noutput = 1.0\n",
