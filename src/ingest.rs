@@ -104,22 +104,16 @@ impl Ingest {
         for r in &rejections {
             self.reject(r);
         }
-        // The ids of `llm_usage` rows the full queue dropped, first to last.
-        let mut dropped: Option<(i64, i64)> = None;
+        // The calls whose `llm_usage` row the full queue dropped, by row id:
+        // their exemplars would name rows that never reach the file.
+        let mut dropped: Vec<(String, String, i64)> = Vec::new();
         for row in rows {
-            let id = match &row {
-                Row::LlmUsage { id, .. } => *id,
-                _ => None,
-            };
-            if !self.sink.send(row) {
-                if let Some(id) = id {
-                    dropped = Some(dropped.map_or((id, id), |(lo, hi)| (lo.min(id), hi.max(id))));
-                }
+            if let Some(Row::LlmUsage { id: Some(id), channel, model, .. }) = self.sink.send(row) {
+                dropped.push((channel, model, id));
             }
         }
-        // Their calls' exemplars would name rows that never reach the file.
-        if let Some((lo, hi)) = dropped {
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).forget_exemplars(lo..=hi);
+        if !dropped.is_empty() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).forget_exemplars(dropped);
         }
     }
 

@@ -402,20 +402,22 @@ impl State {
         self.usage_ids = Some(ids);
     }
 
-    /// Forgets the exemplars that name an `llm_usage` row in `dropped`: rows
-    /// that a full queue dropped were never written, and an exemplar must not
-    /// lead to a row that does not exist. The bucket shows no exemplar until
-    /// its next call. `dropped` may be wider than the rows actually dropped
-    /// (the caller passes the span from the first to the last): losing an
-    /// exemplar of a call that was written is harmless, naming a missing
-    /// row is not.
-    pub(crate) fn forget_exemplars(&mut self, dropped: std::ops::RangeInclusive<i64>) {
-        for h in self.latency.values_mut() {
-            if h.exemplar
-                .as_ref()
-                .is_some_and(|e| matches!(e.label, ExemplarLabel::UsageId(id) if dropped.contains(&id)))
-            {
-                h.exemplar = None;
+    /// Forgets the exemplars that name the `llm_usage` rows of `dropped`
+    /// (channel, model, row id): rows a full queue dropped were never
+    /// written, and an exemplar must not lead to a row that does not exist.
+    /// The bucket shows no exemplar until its next call. A call's exemplar
+    /// is on its own (channel, model) histogram or, beyond the series limit,
+    /// on the overflow one; a later call that was written keeps its own.
+    pub(crate) fn forget_exemplars(&mut self, dropped: Vec<(String, String, i64)>) {
+        let overflow = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
+        for (channel, model, id) in dropped {
+            let own = (channel, model);
+            for key in [&own, &overflow] {
+                if let Some(h) = self.latency.get_mut(key) {
+                    if h.exemplar.as_ref().is_some_and(|e| e.label == ExemplarLabel::UsageId(id)) {
+                        h.exemplar = None;
+                    }
+                }
             }
         }
     }
@@ -1001,12 +1003,21 @@ mod tests {
         send(&mut s, &usage("m2", r#","trace_id":"t""#), 1.0); // id 11, named by its trace
         let label =
             |s: &State, m: &str| s.latency[&("a".to_owned(), m.to_owned())].exemplar.as_ref().map(|e| e.label.clone());
-        s.forget_exemplars(10..=11);
+        let dropped = |m: &str, id: i64| vec![("a".to_owned(), m.to_owned(), id)];
+        s.forget_exemplars(dropped("m1", 10));
+        s.forget_exemplars(dropped("m2", 11));
         assert_eq!(label(&s, "m1"), None, "its row was dropped");
         assert_eq!(label(&s, "m2"), Some(ExemplarLabel::TraceId("t".into())), "a trace exists without the row");
         send(&mut s, &usage("m1", ""), 2.0); // id 12
-        s.forget_exemplars(10..=11);
-        assert_eq!(label(&s, "m1"), Some(ExemplarLabel::UsageId(12)), "outside the dropped span");
+        s.forget_exemplars(dropped("m1", 10));
+        assert_eq!(label(&s, "m1"), Some(ExemplarLabel::UsageId(12)), "a later call that was written");
+        // Beyond the series limit (two here) the call's exemplar is on the
+        // overflow histogram.
+        send(&mut s, &usage("m3", ""), 3.0); // id 13
+        let overflow = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
+        assert_eq!(s.latency[&overflow].exemplar.as_ref().map(|e| e.label.clone()), Some(ExemplarLabel::UsageId(13)));
+        s.forget_exemplars(dropped("m3", 13));
+        assert_eq!(s.latency[&overflow].exemplar, None);
     }
 
     #[test]

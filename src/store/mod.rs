@@ -80,9 +80,9 @@ pub(crate) struct Sink {
 }
 
 impl Sink {
-    /// Queues a row for the writer, or counts it dropped if the queue is full.
-    /// Returns whether the row was queued.
-    pub(crate) fn send(&self, row: Row) -> bool {
+    /// Queues a row for the writer, or counts it dropped if the queue is full
+    /// and hands it back (`Some`), so that the caller can undo what named it.
+    pub(crate) fn send(&self, row: Row) -> Option<Row> {
         // The channel itself is unbounded (a bounded one preallocates every
         // slot, megabytes at idle); `pending` is the bound. Reserve a place
         // before sending so the writer's decrement can never go below zero.
@@ -90,7 +90,7 @@ impl Sink {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.dropped_full.inc();
             self.remember_unwritten(&row);
-            return false;
+            return Some(row);
         }
         self.enqueue(row)
     }
@@ -99,24 +99,21 @@ impl Sink {
     /// which sends at most one `bot_status` row per tracked bot (bounded by
     /// `--limits.max-bots`): the latest state of every bot must reach the
     /// file, and the writer drains the queue before it stops.
-    pub(crate) fn send_final(&self, row: Row) -> bool {
+    pub(crate) fn send_final(&self, row: Row) -> Option<Row> {
         self.pending.fetch_add(1, Ordering::AcqRel);
         self.enqueue(row)
     }
 
-    /// Sends a row whose place in `pending` is already reserved.
-    fn enqueue(&self, row: Row) -> bool {
+    /// Sends a row whose place in `pending` is already reserved; hands it
+    /// back if the writer is gone.
+    fn enqueue(&self, row: Row) -> Option<Row> {
         self.metrics.queue_depth.inc();
-        match self.tx.send(row) {
-            Ok(()) => true,
-            Err(mpsc::SendError(row)) => {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
-                self.metrics.queue_depth.dec();
-                self.metrics.dropped_closed.inc();
-                self.remember_unwritten(&row);
-                false
-            }
-        }
+        let mpsc::SendError(row) = self.tx.send(row).err()?;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.queue_depth.dec();
+        self.metrics.dropped_closed.inc();
+        self.remember_unwritten(&row);
+        Some(row)
     }
 
     fn remember_unwritten(&self, row: &Row) {
