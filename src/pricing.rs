@@ -285,7 +285,15 @@ impl PriceTable {
     /// case-insensitive and ignores a `provider/` prefix; exact names win
     /// over patterns, patterns in file order.
     pub(crate) fn table_price(&self, model: &str) -> Option<Price> {
-        let name = model.rsplit('/').next().unwrap_or(model).trim().to_lowercase();
+        let name = model.rsplit('/').next().unwrap_or(model).trim();
+        // Model names are nearly always lower-case ASCII already; this runs
+        // for every call, so it allocates only when there is something to
+        // lower.
+        let name: std::borrow::Cow<'_, str> = if name.is_ascii() && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.into()
+        } else {
+            name.to_lowercase().into()
+        };
         let exact = self.entries.iter().find(|(m, _)| matches!(m, Matcher::Exact(n) if *n == name));
         exact
             .or_else(|| self.entries.iter().find(|(m, _)| matches!(m, Matcher::Glob(g) if g.matches(&name))))

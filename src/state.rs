@@ -236,6 +236,16 @@ pub(crate) struct Exemplar {
     pub(crate) timestamp: f64,
 }
 
+/// The histogram of `key` in `map`, created empty when missing; the key is
+/// cloned only then. (Always `Some`: `get_mut` after the insert, because
+/// `entry` would take an owned key on every call.)
+fn histogram<'a>(map: &'a mut HashMap<(String, String), Latency>, key: &(String, String)) -> Option<&'a mut Latency> {
+    if !map.contains_key(key) {
+        map.insert(key.clone(), Latency::default());
+    }
+    map.get_mut(key)
+}
+
 impl Latency {
     fn observe(&mut self, seconds: f64, label: Option<ExemplarLabel>, now: f64) {
         let i = LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
@@ -409,14 +419,27 @@ impl State {
     /// is on its own (channel, model) histogram or, beyond the series limit,
     /// on the overflow one; a later call that was written keeps its own.
     pub(crate) fn forget_exemplars(&mut self, dropped: Vec<(String, String, i64)>) {
+        let names_dropped = |h: &Latency, ids: &[i64]| {
+            h.exemplar
+                .as_ref()
+                .is_some_and(|e| matches!(e.label, ExemplarLabel::UsageId(id) if ids.binary_search(&id).is_ok()))
+        };
+        // Under overload most calls of a read are dropped: one pass over the
+        // histograms then costs less than two lookups per call.
+        if dropped.len() * 2 > self.latency.len() {
+            let mut ids: Vec<i64> = dropped.into_iter().map(|(_, _, id)| id).collect();
+            ids.sort_unstable();
+            for h in self.latency.values_mut().filter(|h| names_dropped(h, &ids)) {
+                h.exemplar = None;
+            }
+            return;
+        }
         let overflow = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
         for (channel, model, id) in dropped {
             let own = (channel, model);
             for key in [&own, &overflow] {
-                if let Some(h) = self.latency.get_mut(key) {
-                    if h.exemplar.as_ref().is_some_and(|e| e.label == ExemplarLabel::UsageId(id)) {
-                        h.exemplar = None;
-                    }
+                if let Some(h) = self.latency.get_mut(key).filter(|h| names_dropped(h, &[id])) {
+                    h.exemplar = None;
                 }
             }
         }
@@ -632,30 +655,47 @@ impl State {
         if u.truncated {
             self.overflow.length.inc();
         }
-        let mut key = (u.channel.clone(), u.model.clone(), u.feature.clone());
-        if !self.llm.contains_key(&key) && self.llm.len() >= self.config.max_llm_series {
-            self.overflow.llm_series.inc();
-            key = (OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into(), OVERFLOW_LABEL.into());
+        // This runs for every call, so the call's own strings serve as the
+        // map keys and end up in its row: a known series costs lookups and
+        // no allocation, and only a new one clones its key.
+        let mut key = (u.channel, u.model, u.feature);
+        // The call's names when it is counted in the overflow series.
+        let mut own = None;
+        if !self.llm.contains_key(&key) {
+            if self.llm.len() >= self.config.max_llm_series {
+                self.overflow.llm_series.inc();
+                let other = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
+                own = Some(std::mem::replace(&mut key, other));
+            }
+            if !self.llm.contains_key(&key) {
+                self.llm.insert(key.clone(), LlmSeries::default());
+            }
         }
-        let series = self.llm.entry(key.clone()).or_default();
-        series.requests += 1;
-        series.input_tokens += u.tokens_in;
-        series.output_tokens += u.tokens_out;
-        // The cost_source label is a closed set of three, so a series key
-        // has at most three cost series, and the overflow key keeps them.
-        let slot = &mut series.cost_usd[source.label_index()];
-        *slot = Some(slot.unwrap_or(0.0) + cost.unwrap_or(0.0));
-        series.unpriced += u64::from(source.is_unpriced());
-        if let Some(t) = u.error_type {
-            series.errors[t as usize] += 1;
+        if let Some(series) = self.llm.get_mut(&key) {
+            series.requests += 1;
+            series.input_tokens += u.tokens_in;
+            series.output_tokens += u.tokens_out;
+            // The cost_source label is a closed set of three, so a series key
+            // has at most three cost series, and the overflow key keeps them.
+            let slot = &mut series.cost_usd[source.label_index()];
+            *slot = Some(slot.unwrap_or(0.0) + cost.unwrap_or(0.0));
+            series.unpriced += u64::from(source.is_unpriced());
+            if let Some(t) = u.error_type {
+                series.errors[t as usize] += 1;
+            }
+            series.cached_tokens += u.tokens_cached;
+            series.updated_at = now;
         }
-        series.cached_tokens += u.tokens_cached;
-        series.updated_at = now;
         if let Some(b) = self.budgets.as_mut() {
             let bots = &self.bots;
-            b.add(&u.channel, cost.unwrap_or(0.0), now, |c| bots.contains_key(c));
+            let channel = own.as_ref().map_or(&key.0, |o: &(String, String, String)| &o.0);
+            b.add(channel, cost.unwrap_or(0.0), now, |c| bots.contains_key(c));
         }
         let id = self.usage_ids.as_ref().and_then(|ids| ids.take());
+        // The histograms follow their series into `other`, so the two stay
+        // consistent and histogram keys never outnumber series keys. Their
+        // key is (channel, model), lent from `key` and given back.
+        let histogram_key = (std::mem::take(&mut key.0), std::mem::take(&mut key.1));
         if let Some(ms) = u.latency_ms {
             // A trace id is what the bot's own tracing knows the call by, so
             // it wins over the row id when the bot sent one.
@@ -664,20 +704,23 @@ impl State {
                 (None, Some(id)) => Some(ExemplarLabel::UsageId(id)),
                 (None, None) => None,
             };
-            // The histogram follows its series into `other`, so the two stay
-            // consistent and latency keys never outnumber series keys.
-            self.latency.entry((key.0.clone(), key.1.clone())).or_default().observe(ms / 1000.0, label, now);
+            if let Some(h) = histogram(&mut self.latency, &histogram_key) {
+                h.observe(ms / 1000.0, label, now);
+            }
         }
         if let Some(ms) = u.ttft_ms {
-            // Same keys as the latency histogram, for the same reason.
-            self.ttft.entry((key.0, key.1)).or_default().observe(ms / 1000.0, None, now);
+            if let Some(h) = histogram(&mut self.ttft, &histogram_key) {
+                h.observe(ms / 1000.0, None, now);
+            }
         }
+        (key.0, key.1) = histogram_key;
+        let (channel, model, feature) = own.unwrap_or(key);
         out.push(Row::LlmUsage {
             id,
             ts: now,
-            channel: u.channel,
-            model: u.model,
-            feature: u.feature,
+            channel,
+            model,
+            feature,
             tokens_in: u.tokens_in,
             tokens_out: u.tokens_out,
             latency_ms: u.latency_ms,
@@ -1018,6 +1061,17 @@ mod tests {
         assert_eq!(s.latency[&overflow].exemplar.as_ref().map(|e| e.label.clone()), Some(ExemplarLabel::UsageId(13)));
         s.forget_exemplars(dropped("m3", 13));
         assert_eq!(s.latency[&overflow].exemplar, None);
+        // Many drops at once take the pass over every histogram instead.
+        send(&mut s, &usage("m1", ""), 4.0); // id 14
+        let many = vec![
+            ("x".to_owned(), "y".to_owned(), 99),
+            ("x".to_owned(), "y".to_owned(), 98),
+            dropped("m1", 14)[0].clone(),
+        ];
+        assert!(many.len() * 2 > s.latency.len());
+        s.forget_exemplars(many);
+        assert_eq!(label(&s, "m1"), None);
+        assert_eq!(label(&s, "m2"), Some(ExemplarLabel::TraceId("t".into())));
     }
 
     #[test]
