@@ -11,6 +11,8 @@
 # alone cannot settle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 OLD=$1 NEW=$2 SCENARIO=$3 ROUNDS=${4:-4}
 cargo build --release --locked --bins
 LG=$PWD/target/release/kissbot-loadgen
@@ -25,27 +27,19 @@ FLAGS=()
 if [ "$SCENARIO" = overload ]; then FLAGS=(--queue.capacity 1024); fi
 
 WORK=$(mktemp -d)
-PID=""
-trap 'if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
+EXP_PID=""
+trap 'if [ -n "$EXP_PID" ]; then kill "$EXP_PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
 # one BINARY: starts it on a fresh directory, runs the scenario, prints the figure.
 one() {
   local dir
   dir=$(mktemp -d "$WORK/run.XXXX")
-  "$1" --socket.path "$dir/s.sock" --db.path "$dir/m.db" --web.listen-address 127.0.0.1:0 \
-    --log.level warn,kissbot_exporter::http=info "${FLAGS[@]}" >"$dir/log" 2>&1 &
-  PID=$!
-  local addr=""
-  for _ in $(seq 1 200); do
-    addr=$(sed -n 's/.*http server listening.*address=\([0-9.:]*\).*/\1/p' "$dir/log" | head -1)
-    if [ -n "$addr" ] && [ -S "$dir/s.sock" ]; then break; fi
-    sleep 0.05
-  done
-  "$LG" ingest --socket "$dir/s.sock" --metrics-url "http://$addr/metrics" --db "$dir/m.db" --exporter-pid "$PID" \
+  launch_exporter "$1" "$dir" "${FLAGS[@]}"
+  "$LG" ingest --socket "$SOCK" --metrics-url "$URL" --db "$DB" --exporter-pid "$EXP_PID" \
     "${ARGS[@]}" --duration 6s --out "$dir/out.json" >/dev/null
-  kill "$PID"
-  wait "$PID" || true
-  PID=""
+  kill "$EXP_PID"
+  wait "$EXP_PID" || true
+  EXP_PID=""
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['latency_ms']['p99'] if sys.argv[2]=='per-message-6k' else round(d['exporter']['accepted_per_second']))" \
     "$dir/out.json" "$SCENARIO"
 }

@@ -19,6 +19,8 @@
 #                    scenarios, so that two builds are compared on equal terms
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 OUT=${1:-bench/results}
 DURATION=${BENCH_DURATION:-10s}
@@ -69,25 +71,7 @@ say "other builds running at start: $( (pgrep -x cargo; pgrep -x rustc) | wc -l)
 start_exporter() {
   local name=$1
   shift
-  local dir=$WORK/$name
-  mkdir -p "$dir"
-  SOCK=$dir/monitor.sock
-  DB=$dir/monitor.db
-  "$BIN" --socket.path "$SOCK" --db.path "$DB" --web.listen-address 127.0.0.1:0 --log.level warn,kissbot_exporter::http=info "$@" \
-    >"$dir/exporter.log" 2>&1 &
-  EXP_PID=$!
-  local addr=""
-  for _ in $(seq 1 200); do
-    addr=$(sed -n 's/.*http server listening.*address=\([0-9.:]*\).*/\1/p' "$dir/exporter.log" | head -1)
-    if [ -n "$addr" ] && [ -S "$SOCK" ]; then break; fi
-    sleep 0.05
-  done
-  if [ -z "$addr" ]; then
-    cat "$dir/exporter.log" >&2
-    echo "exporter did not start" >&2
-    exit 1
-  fi
-  URL=http://$addr/metrics
+  launch_exporter "$BIN" "$WORK/$name" "$@"
 }
 
 stop_exporter() {
