@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bundle_support::{
-    dashboard_exprs, dashboards, read, referenced_metric_names, strict, substitute_grafana_variables, variable_query,
-    variables, which,
+    dashboard_exprs, dashboards, read, referenced_metric_names, strict, substitute_for_live, variable_query, variables,
+    which, TEST_PRICES,
 };
 use crate::common::{metric_value, wait_until, Exporter};
 use crate::servers::{
@@ -47,19 +47,6 @@ use crate::servers::{
 // ---------------------------------------------------------------------------
 // The fleet
 // ---------------------------------------------------------------------------
-
-/// `unknown_models = "unpriced"` makes `mystery-model` unpriced; `house-model`
-/// has a cached-input price.
-const PRICES: &str = r#"
-unknown_models = "unpriced"
-
-[[model]]
-name = "house-model"
-input = 2.0
-output = 4.0
-cached_input = 0.5
-source = "bundle_e2e test"
-"#;
 
 /// The bot that is a real process (sampled by the exporter).
 const PY_BOT: &str = "py_bot";
@@ -157,7 +144,7 @@ impl Fleet {
     fn start() -> Fleet {
         let pricing = tempfile::tempdir().expect("temp dir for the pricing file");
         let prices = pricing.path().join("prices.toml");
-        std::fs::write(&prices, PRICES).expect("write the pricing file");
+        std::fs::write(&prices, TEST_PRICES).expect("write the pricing file");
         // Budgets large enough that no budget alert fires, so that the
         // budget panels and families have data.
         let budgets = pricing.path().join("budgets.toml");
@@ -349,24 +336,6 @@ const SHORTENED_FOR: &[&str] =
     &["KissBotHeartbeatStale", "KissBotDead", "KissBotExporterPricingReloadFailed", "KissBotWatchdog"];
 const SHORT_FOR: &str = "3s";
 
-/// Substitutions for Grafana's built-in variables, for Prometheus scraping
-/// and evaluating every second: `$__rate_interval` is at least four scrape
-/// intervals in Grafana.
-const GRAFANA_BUILTINS: &[(&str, &str)] = &[
-    ("$__rate_interval", "5s"),
-    ("${__rate_interval}", "5s"),
-    ("$__interval_ms", "1000"),
-    ("${__interval_ms}", "1000"),
-    ("$__interval", "1s"),
-    ("${__interval}", "1s"),
-    ("$__range_s", "3600"),
-    ("${__range_s}", "3600"),
-    ("$__range_ms", "3600000"),
-    ("${__range_ms}", "3600000"),
-    ("$__range", "1h"),
-    ("${__range}", "1h"),
-];
-
 /// Dashboard queries (file, panel title) that may return no data in a
 /// healthy, busy fleet, with the reason. Keep it tiny: every entry is a panel
 /// this test cannot prove. Currently none: every query has data, because the
@@ -507,13 +476,6 @@ fn start_prometheus(binary: &Path, exporter: SocketAddr, alertmanager: SocketAdd
     Server::spawn("prometheus", cmd, addr, dir)
 }
 
-/// Replaces Grafana's variables with [`GRAFANA_BUILTINS`] and `.*`.
-fn substitute(expr: &str) -> String {
-    let out = substitute_grafana_variables(expr, GRAFANA_BUILTINS);
-    assert!(!out.contains('$'), "a Grafana variable is left in {out} (from {expr})");
-    out
-}
-
 /// One query to prove: where it comes from and the PromQL to run.
 struct Check {
     file: String,
@@ -529,7 +491,7 @@ fn dashboard_checks() -> Vec<Check> {
     for (path, dashboard) in dashboards() {
         let file = path.file_name().expect("file name").to_string_lossy().into_owned();
         for (title, expr) in dashboard_exprs(&dashboard) {
-            checks.push(Check { file: file.clone(), title, promql: substitute(&expr), label: None });
+            checks.push(Check { file: file.clone(), title, promql: substitute_for_live(&expr), label: None });
         }
         for var in variables(&dashboard) {
             if var["type"] != "query" {
@@ -544,7 +506,7 @@ fn dashboard_checks() -> Vec<Check> {
             checks.push(Check {
                 file: file.clone(),
                 title: format!("variable {name}"),
-                promql: substitute(selector.trim()),
+                promql: substitute_for_live(selector.trim()),
                 label: Some(label.trim().to_owned()),
             });
         }
@@ -703,7 +665,7 @@ fn dashboards_and_alerts_work_with_real_prometheus_and_alertmanager() {
     let reload_failed_after = refused.elapsed();
     assert_eq!(reload_failed["severity"], "warning", "{reload_failed}");
     assert_eq!(reload_failed["instance"], fleet.exporter.addr.to_string(), "{reload_failed}");
-    fleet.reload_pricing(PRICES);
+    fleet.reload_pricing(TEST_PRICES);
     fleet.exporter.wait_metric("kissbot_exporter_config_last_reload_successful", 1.0);
     poll(&format!("{RELOAD_FAILED} to resolve"), Duration::from_secs(30), || {
         let alerts = alertmanager_alerts(&am)?;

@@ -201,6 +201,47 @@ pub fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The pricing file of the end-to-end tests: `mystery-model` is unpriced and
+/// `house-model` has a cached-input price, so that every LLM panel has
+/// something to show.
+pub const TEST_PRICES: &str = r#"
+unknown_models = "unpriced"
+
+[[model]]
+name = "house-model"
+input = 2.0
+output = 4.0
+cached_input = 0.5
+source = "end-to-end test"
+"#;
+
+/// Grafana's built-in variables for a Prometheus that scrapes and evaluates
+/// every second, as the end-to-end tests run it: `$__rate_interval` is at
+/// least four scrape intervals in Grafana.
+const GRAFANA_BUILTINS_LIVE: &[(&str, &str)] = &[
+    ("$__rate_interval", "5s"),
+    ("${__rate_interval}", "5s"),
+    ("$__interval_ms", "1000"),
+    ("${__interval_ms}", "1000"),
+    ("$__interval", "1s"),
+    ("${__interval}", "1s"),
+    ("$__range_s", "3600"),
+    ("${__range_s}", "3600"),
+    ("$__range_ms", "3600000"),
+    ("${__range_ms}", "3600000"),
+    ("$__range", "1h"),
+    ("${__range}", "1h"),
+];
+
+/// A dashboard query made runnable against the end-to-end tests' Prometheus
+/// or VictoriaMetrics: built-ins for one-second scrapes, other variables
+/// `.*`. Fails if a variable is left.
+pub fn substitute_for_live(expr: &str) -> String {
+    let out = substitute_grafana_variables(expr, GRAFANA_BUILTINS_LIVE);
+    assert!(!out.contains('$'), "a Grafana variable is left in {out} (from {expr})");
+    out
+}
+
 /// Replaces Grafana's variables with values Prometheus accepts: the built-ins
 /// (`$__rate_interval`, ...) by `builtins`, the dashboard's own (`$channel`,
 /// `${channel}`, `${channel:regex}`, `[[channel]]`), all label filters, by `.*`.

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::bundle_support::{
-    dashboard_exprs, dashboards, read, strict, substitute_grafana_variables, variable_query, variables, which,
+    dashboard_exprs, dashboards, read, strict, substitute_for_live, variable_query, variables, which, TEST_PRICES,
 };
 use crate::common::Exporter;
 use crate::servers::{
@@ -54,19 +54,6 @@ const JOB: &str = "kissbot-exporter";
 /// The channel name both hosts' bots use.
 const CHANNEL: &str = "el_serda";
 
-/// `mystery-model` is unpriced and `house-model` has a cached-input price, so
-/// that every LLM panel has something to show.
-const PRICES: &str = r#"
-unknown_models = "unpriced"
-
-[[model]]
-name = "house-model"
-input = 2.0
-output = 4.0
-cached_input = 0.5
-source = "fleet_e2e test"
-"#;
-
 /// Alerts whose `for:` the test shortens in its copy of the rules; their
 /// expressions are used unchanged.
 const SHORTENED_FOR: &[&str] = &["KissBotHeartbeatStale", "KissBotNoBotsReporting"];
@@ -74,23 +61,6 @@ const SHORT_FOR: &str = "2s";
 
 /// The alerts about a bot's liveness: none may concern host B's bot.
 const LIVENESS_ALERTS: &[&str] = &["KissBotHeartbeatStale", "KissBotDown", "KissBotDead", "KissBotNoBotsReporting"];
-
-/// Grafana's built-in variables for Prometheus scraping every second:
-/// `$__rate_interval` is at least four scrape intervals in Grafana.
-const GRAFANA_BUILTINS: &[(&str, &str)] = &[
-    ("$__rate_interval", "5s"),
-    ("${__rate_interval}", "5s"),
-    ("$__interval_ms", "1000"),
-    ("${__interval_ms}", "1000"),
-    ("$__interval", "1s"),
-    ("${__interval}", "1s"),
-    ("$__range_s", "3600"),
-    ("${__range_s}", "3600"),
-    ("$__range_ms", "3600000"),
-    ("${__range_ms}", "3600000"),
-    ("$__range", "1h"),
-    ("${__range}", "1h"),
-];
 
 /// Writes a line to stderr past the test harness's output capture.
 fn note(line: &str) {
@@ -372,9 +342,7 @@ fn dashboard_checks(instance: &str) -> Vec<Check> {
                 s = s.replace(&form, value);
             }
         }
-        let out = substitute_grafana_variables(&s, GRAFANA_BUILTINS);
-        assert!(!out.contains('$'), "a Grafana variable is left in {out} (from {expr})");
-        out
+        substitute_for_live(&s)
     };
     let mut checks = Vec::new();
     for (path, dashboard) in dashboards() {
@@ -413,7 +381,7 @@ fn a_fleet_of_two_hosts_with_prometheus_victoriametrics_and_alertmanager() {
 
     let pricing = tempfile::tempdir().expect("temp dir for the pricing file");
     let prices = pricing.path().join("prices.toml");
-    std::fs::write(&prices, PRICES).expect("write the pricing file");
+    std::fs::write(&prices, TEST_PRICES).expect("write the pricing file");
     let a = Host::start(Ipv4Addr::new(127, 0, 0, 2), &prices);
     let b = Host::start(Ipv4Addr::new(127, 0, 0, 3), &prices);
     let traffic = Traffic::start(&[&a, &b]);
