@@ -155,6 +155,9 @@ impl ErrorType {
 }
 
 impl Event {
+    /// Every message type, as [`Event::kind`] names them.
+    pub(crate) const KINDS: [&'static str; 4] = ["register", "heartbeat", "unregister", "llm_usage"];
+
     /// The message type as it appears on the wire, used as a metric label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -701,6 +704,18 @@ mod tests {
 
     fn reason(line: &str) -> Reason {
         parse_line(line.as_bytes()).expect_err(line).reason
+    }
+
+    #[test]
+    fn every_kind_is_listed() {
+        let lines = [
+            r#"{"type":"register","channel":"a","pid":1}"#,
+            r#"{"type":"heartbeat","channel":"a","pid":1}"#,
+            r#"{"type":"unregister","channel":"a","pid":1}"#,
+            r#"{"type":"llm_usage","channel":"a","model":"m","feature":"f","tokens_in":1,"tokens_out":1}"#,
+        ];
+        let kinds: Vec<&str> = lines.iter().map(|l| parse_line(l.as_bytes()).unwrap().kind()).collect();
+        assert_eq!(kinds, Event::KINDS);
     }
 
     #[test]

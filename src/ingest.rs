@@ -92,8 +92,7 @@ impl Ingest {
         let mut rejections = Vec::new();
         // Accepted messages by type, counted once per read after the lock is
         // released rather than once per message under it.
-        let mut accepted: [(&'static str, u64); 4] =
-            [("register", 0), ("heartbeat", 0), ("unregister", 0), ("llm_usage", 0)];
+        let mut accepted = [0u64; Event::KINDS.len()];
         {
             let now = unix_now();
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,15 +100,15 @@ impl Ingest {
                 let kind = event.kind();
                 match state.apply(event, now, peer_pid, &mut rows) {
                     Ok(()) => {
-                        if let Some(slot) = accepted.iter_mut().find(|(k, _)| *k == kind) {
-                            slot.1 += 1;
+                        if let Some(i) = Event::KINDS.iter().position(|k| *k == kind) {
+                            accepted[i] += 1;
                         }
                     }
                     Err(r) => rejections.push(r),
                 }
             }
         }
-        for (kind, n) in accepted.into_iter().filter(|(_, n)| *n > 0) {
+        for (kind, n) in Event::KINDS.into_iter().zip(accepted).filter(|(_, n)| *n > 0) {
             self.metrics.messages.with_label_values(&[kind]).inc_by(n);
         }
         for r in &rejections {

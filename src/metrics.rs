@@ -15,7 +15,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use prometheus::Gauge as GaugeMetric;
 
 use crate::budget::{BudgetLine, Period};
-use crate::event::{ErrorType, Reason};
+use crate::event::{ErrorType, Event, Reason};
 use crate::pricing::CostSource;
 use crate::state::{ExemplarLabel, Latency, Snapshot, State, Status, LATENCY_BUCKETS};
 
@@ -172,7 +172,7 @@ impl Metrics {
         for r in Reason::ALL {
             m.rejected.with_label_values(&[r.as_str()]);
         }
-        for t in ["register", "heartbeat", "unregister", "llm_usage"] {
+        for t in Event::KINDS {
             m.messages.with_label_values(&[t]);
         }
         for r in DROP_REASONS {

@@ -236,12 +236,12 @@ pub(crate) struct Exemplar {
     pub(crate) timestamp: f64,
 }
 
-/// The histogram of `key` in `map`, created empty when missing; the key is
-/// cloned only then. (Always `Some`: `get_mut` after the insert, because
-/// `entry` would take an owned key on every call.)
-fn histogram<'a>(map: &'a mut HashMap<(String, String), Latency>, key: &(String, String)) -> Option<&'a mut Latency> {
+/// The value of `key` in `map`, created empty when missing; the key is
+/// cloned only then, because `entry` would take an owned key on every call.
+/// (Always `Some`: `get_mut` right after the insert.)
+fn slot<'a, K: std::hash::Hash + Eq + Clone, V: Default>(map: &'a mut HashMap<K, V>, key: &K) -> Option<&'a mut V> {
     if !map.contains_key(key) {
-        map.insert(key.clone(), Latency::default());
+        map.insert(key.clone(), V::default());
     }
     map.get_mut(key)
 }
@@ -661,17 +661,12 @@ impl State {
         let mut key = (u.channel, u.model, u.feature);
         // The call's names when it is counted in the overflow series.
         let mut own = None;
-        if !self.llm.contains_key(&key) {
-            if self.llm.len() >= self.config.max_llm_series {
-                self.overflow.llm_series.inc();
-                let other = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
-                own = Some(std::mem::replace(&mut key, other));
-            }
-            if !self.llm.contains_key(&key) {
-                self.llm.insert(key.clone(), LlmSeries::default());
-            }
+        if !self.llm.contains_key(&key) && self.llm.len() >= self.config.max_llm_series {
+            self.overflow.llm_series.inc();
+            let other = (OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned());
+            own = Some(std::mem::replace(&mut key, other));
         }
-        if let Some(series) = self.llm.get_mut(&key) {
+        if let Some(series) = slot(&mut self.llm, &key) {
             series.requests += 1;
             series.input_tokens += u.tokens_in;
             series.output_tokens += u.tokens_out;
@@ -704,12 +699,12 @@ impl State {
                 (None, Some(id)) => Some(ExemplarLabel::UsageId(id)),
                 (None, None) => None,
             };
-            if let Some(h) = histogram(&mut self.latency, &histogram_key) {
+            if let Some(h) = slot(&mut self.latency, &histogram_key) {
                 h.observe(ms / 1000.0, label, now);
             }
         }
         if let Some(ms) = u.ttft_ms {
-            if let Some(h) = histogram(&mut self.ttft, &histogram_key) {
+            if let Some(h) = slot(&mut self.ttft, &histogram_key) {
                 h.observe(ms / 1000.0, None, now);
             }
         }
