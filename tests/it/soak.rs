@@ -2,7 +2,7 @@
 //! flat. Ignored by default; run it with
 //!
 //! ```sh
-//! SOAK_SECONDS=600 cargo test --release --test soak -- --ignored --nocapture
+//! SOAK_SECONDS=600 cargo test --release --test it soak:: -- --ignored --nocapture
 //! ```
 //!
 //! The fleet: 200 long-lived bots heartbeating every second (30x the real
