@@ -744,8 +744,14 @@ fn rust_version_is_the_locked_dependencies_minimum() {
         .find_map(|l| l.strip_prefix("rust-version = "))
         .map(|v| v.trim_matches('"').to_owned())
         .expect("rust-version in Cargo.toml");
+    // Only the packages this platform builds: a fresh machine has fetched
+    // nothing else (`cargo test` downloads no crate for another target), and
+    // without the filter `cargo metadata` wants every target's crates and
+    // fails offline. `.ci/run` runs this with an empty CARGO_HOME to prove it.
+    let host = String::from_utf8(Command::new("rustc").arg("-vV").output().unwrap().stdout).unwrap();
+    let host = host.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names the host").to_owned();
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["metadata", "--locked", "--offline", "--format-version", "1", "--filter-platform", &host])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
