@@ -178,9 +178,54 @@ pub struct Config {
     #[arg(long = "log.format", env = "KISSBOT_EXPORTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Log level or tracing filter directive (e.g. `info`, `debug`, `kissbot_exporter=debug`).
-    #[arg(long = "log.level", env = "KISSBOT_EXPORTER_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Log level: `debug`, `info`, `warn` or `error`; or comma-separated `target=level` directives
+    /// (e.g. `info,kissbot_exporter=debug`). Anything else is refused.
+    #[arg(long = "log.level", env = "KISSBOT_EXPORTER_LOG_LEVEL", default_value = "info", value_parser = LogLevel::parse)]
+    pub log_level: LogLevel,
+}
+
+/// A validated `--log.level`: a level, or `target=level` directives.
+///
+/// tracing's own filter syntax takes a bare word as a target name, so a typo
+/// such as `wanr` would quietly mean "log only target `wanr`", which is to
+/// say nothing at all. Only the forms an operator means are accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLevel(String);
+
+/// The level names `--log.level` accepts, alone or after `target=`.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+impl LogLevel {
+    /// Checks `s`: each comma-separated part is a level, or a Rust module
+    /// path, `=` and a level.
+    pub fn parse(s: &str) -> std::result::Result<LogLevel, String> {
+        let expected = "expected debug, info, warn or error, or target=level directives such as kissbot_exporter=debug";
+        if s.trim().is_empty() {
+            return Err(format!("empty log level; {expected}"));
+        }
+        for part in s.split(',').map(str::trim) {
+            let (target, level) = match part.split_once('=') {
+                Some((t, l)) => (Some(t), l),
+                None => (None, part),
+            };
+            if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(format!("{level:?} is not a log level; {expected}"));
+            }
+            if let Some(t) = target {
+                let valid = !t.is_empty()
+                    && t.split("::").all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                if !valid {
+                    return Err(format!("{t:?} is not a module path; {expected}"));
+                }
+            }
+        }
+        Ok(LogLevel(s.to_owned()))
+    }
+
+    /// The filter text, as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// What to do when a message's pid is not the sending process's pid.
@@ -199,7 +244,7 @@ pub enum VerifyPid {
 pub enum LogFormat {
     /// Human-readable lines: time, level, target, message, `key=value` fields.
     Text,
-    /// logfmt, as the Prometheus exporter toolkit writes it: `ts=… level=… msg=… key=value`.
+    /// logfmt with Prometheus's own (promslog) keys: `time=… level=… source=… msg=… key=value`.
     Logfmt,
     /// One JSON object per line.
     Json,

@@ -27,9 +27,10 @@
 //! - `web_config`: the `--web.config.file` YAML: TLS and basic authentication.
 //! - [`send`]: `kissbot-exporter send`, one message through the `kissbot-client` crate.
 //! - [`shutdown`]: waiting for SIGTERM/SIGINT.
+//! - [`logging`]: the `--log.level` filter and the `text`, `logfmt` (promslog keys) and `json` formats.
 //! - [`error`]: the crate's error type.
 //!
-//! Only `config`, `error`, `send` and `shutdown` are public, with [`start`],
+//! Only `config`, `error`, `logging`, `send` and `shutdown` are public, with [`start`],
 //! [`run`] and [`check_config`]; everything else is internal, and what the
 //! tests drive directly is re-exported, hidden, from `testing`.
 //!
@@ -41,6 +42,7 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz_support;
+pub mod logging;
 pub mod send;
 pub mod shutdown;
 

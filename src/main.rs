@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kissbot_exporter::config::{Config, LogFormat};
+use kissbot_exporter::config::Config;
 use kissbot_exporter::send::SendArgs;
-use tracing_subscriber::EnvFilter;
 
 /// Prometheus exporter and drop-in monitor for KissBot fleets.
 ///
@@ -31,27 +30,6 @@ struct Cli {
 enum Command {
     /// Send one message to a running exporter as a bot would; exit 0 if it was delivered, 1 if not.
     Send(SendArgs),
-}
-
-fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter =
-        || EnvFilter::try_new(&config.log_level).with_context(|| format!("invalid --log.level {:?}", config.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter()?).with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Logfmt => {
-            use tracing_subscriber::layer::SubscriberExt;
-            use tracing_subscriber::util::SubscriberInitExt;
-            let logfmt = tracing_logfmt::builder()
-                .with_span_name(false)
-                .with_span_path(false)
-                .layer()
-                .with_writer(std::io::stderr);
-            tracing_subscriber::registry().with(filter()?).with(logfmt).init();
-        }
-    }
-    Ok(())
 }
 
 /// Raises the soft open-file limit to the hard limit: every bot connection
@@ -103,7 +81,7 @@ fn main() -> anyhow::Result<ExitCode> {
             }
         });
     }
-    init_logging(&cli.config)?;
+    kissbot_exporter::logging::init(&cli.config).context("cannot start logging")?;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -28,6 +28,7 @@ mod landing;
 mod legacy_db;
 mod links;
 mod listen;
+mod logging;
 mod pricing;
 mod process;
 mod property;
