@@ -32,5 +32,6 @@ mod pricing;
 mod process;
 mod property;
 mod soak;
+mod store;
 mod systemd;
 mod truth;
