@@ -18,7 +18,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 use tracing::{info, warn};
 
-use crate::clock::{parse_time, unix_now};
+use crate::clock::{integer_millis, real_millis, text_millis, unix_now};
 use crate::error::{Error, Result};
 use crate::row::RestoredBot;
 
@@ -26,30 +26,52 @@ use crate::row::RestoredBot;
 ///
 /// - 0: a legacy file (the Python monitor or the bots' usage logger).
 /// - 1: columns for cost, provider, cache and status; time indexes on `ts` text.
-/// - 2: time indexes on the instant a `ts` means (`TS_SECONDS`), not its text.
+/// - 2: time indexes on the instant a `ts` means (`TS_MS`), not its text.
 /// - 3: `llm_usage.ttft_ms` and `llm_usage.error_type`, both nullable. Adding
 ///   them needs a new version because the migration runs only for files
 ///   older than this build's.
-pub const SCHEMA_VERSION: i64 = 3;
+/// - 4: the time indexes over whole milliseconds ([`TS_MS`]) instead of
+///   seconds as a float, exact and the same in every SQLite version; the
+///   migration recreates them.
+pub const SCHEMA_VERSION: i64 = 4;
 
-/// The instant a row's `ts` stands for, in Unix seconds, as SQL over the
-/// column `ts`. Legacy files hold times as RFC 3339 text with any offset,
-/// naive text (UTC), or Unix numbers; comparing the text would order
-/// `2025-11-24 16:00` before `2025-11-24T09:00` and `-05:00` wrongly, so
-/// every comparison of times goes through this expression, which indexes of
-/// the same text serve. It uses only functions every SQLite since 3.20 has,
-/// because another process (the bots' usage logger, with its own SQLite)
-/// maintains these indexes when it inserts. `'now'` is excluded because
-/// SQLite refuses non-deterministic values in an index. The branches are
-/// ordered so that the exporter's own RFC 3339 text, by far the most common
-/// value, costs one `GLOB` and one `julianday` per row written: this runs on
-/// every insert. [`crate::clock::parse_time`] is its Rust twin.
-pub(crate) const TS_SECONDS: &str = "(CASE \
-WHEN typeof(ts) IN ('integer', 'real') THEN (CASE WHEN ts > 1e11 THEN ts / 1000.0 ELSE ts * 1.0 END) \
-WHEN ts GLOB '*[^0-9.]*' THEN \
-(CASE WHEN ts GLOB '[Nn][Oo][Ww]' THEN NULL ELSE (julianday(ts) - 2440587.5) * 86400.0 END) \
-WHEN ts = '' OR ts GLOB '*.*.*' THEN NULL \
-ELSE (CASE WHEN CAST(ts AS REAL) > 1e11 THEN CAST(ts AS REAL) / 1000.0 ELSE CAST(ts AS REAL) END) END)";
+/// The instant a row's `ts` stands for, in whole Unix milliseconds, as SQL
+/// over the column `ts`. Legacy files hold times as RFC 3339 text with any
+/// offset, naive text (UTC), or Unix numbers; comparing the text would
+/// order `2025-11-24 16:00` before `2025-11-24T09:00` and `-05:00` wrongly,
+/// so every comparison of times goes through this expression, which
+/// indexes of the same text serve, with integer parameters.
+///
+/// [`crate::clock::text_millis`], [`crate::clock::integer_millis`] and
+/// [`crate::clock::real_millis`] are its Rust twins, and agree with it bit
+/// for bit on every value (a test holds them to it): fractions of a second
+/// are cut to the millisecond as text, and `julianday` sees whole seconds
+/// only, whose millisecond count (`round` of its value) is exact and has
+/// not changed between SQLite versions, where its rounding of fractions
+/// has. It uses only functions every SQLite since 3.20 has, because another
+/// process (the bots' usage logger, with its own SQLite) maintains these
+/// indexes when it inserts; `'now'` never reaches `julianday`, which SQLite
+/// would refuse in an index. Text comes first: the exporter's own
+/// (`2025-11-24T16:00:00.123456+00:00`) is by far the most common value, and
+/// this runs on every insert.
+pub(crate) const TS_MS: &str = "(CASE \
+WHEN typeof(ts) = 'text' THEN (CASE \
+WHEN ts GLOB '*.*.*' THEN NULL \
+WHEN ts GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' THEN CAST((CASE \
+WHEN instr(ts, '.') = 0 THEN round((julianday(ts) - 2440587.5) * 86400000.0) \
+ELSE round((julianday(substr(ts, 1, instr(ts, '.') - 1) \
+|| ltrim(substr(ts, instr(ts, '.') + 1), '0123456789')) - 2440587.5) * 86400000.0) \
++ CAST(substr(substr(ts, instr(ts, '.') + 1, length(substr(ts, instr(ts, '.') + 1)) \
+- length(ltrim(substr(ts, instr(ts, '.') + 1), '0123456789'))) || '00', 1, 3) AS INTEGER) END) AS INTEGER) \
+WHEN ts GLOB '*[^0-9.]*' OR NOT ts GLOB '*[0-9]*' OR instr(ts || '.', '.') > 16 THEN NULL \
+WHEN CAST(substr(ts, 1, instr(ts || '.', '.') - 1) AS INTEGER) >= 100000000000 \
+THEN CAST(substr(ts, 1, instr(ts || '.', '.') - 1) AS INTEGER) \
+ELSE CAST(substr(ts, 1, instr(ts || '.', '.') - 1) AS INTEGER) * 1000 \
++ CAST(substr(substr(ts, instr(ts || '.', '.') + 1) || '00', 1, 3) AS INTEGER) END) \
+WHEN typeof(ts) = 'integer' THEN (CASE WHEN ts < 0 THEN NULL WHEN ts >= 100000000000 THEN ts ELSE ts * 1000 END) \
+WHEN typeof(ts) = 'real' THEN (CASE WHEN ts < 0 THEN NULL WHEN ts >= 1e11 THEN CAST(ts AS INTEGER) \
+ELSE CAST(ts * 1000.0 AS INTEGER) END) \
+ELSE NULL END)";
 
 /// How the database is opened.
 #[derive(Debug, Clone, Copy)]
@@ -137,18 +159,27 @@ fn indexes() -> String {
          CREATE INDEX IF NOT EXISTS idx_llm_usage_model ON llm_usage(model);
          CREATE INDEX IF NOT EXISTS idx_bot_events_channel_ts ON bot_events(channel, ts);",
     );
-    for table in ["llm_usage", "bot_metrics", "bot_events"] {
-        sql.push_str(&format!("CREATE INDEX IF NOT EXISTS idx_{table}_time ON {table}({TS_SECONDS});"));
+    for table in TIME_TABLES {
+        sql.push_str(&format!("CREATE INDEX IF NOT EXISTS idx_{table}_time ON {table}({TS_MS});"));
     }
     sql
 }
 
-/// Version 1's indexes on the text of `ts`: they served only text
-/// comparisons, which were wrong for legacy rows; version 2 replaces them.
-const DROP_V1_INDEXES: &str = "
+/// The tables with a `ts` column and an index on its instant.
+const TIME_TABLES: [&str; 3] = ["llm_usage", "bot_metrics", "bot_events"];
+
+/// Indexes of older versions that this one replaces: version 1's on the
+/// text of `ts` (they served only text comparisons, which were wrong for
+/// legacy rows), and versions 2 and 3's on the instant in seconds as a
+/// float, which version 4 recreates in whole milliseconds under the same
+/// names. Dropping an index deletes no row.
+const DROP_OLD_INDEXES: &str = "
 DROP INDEX IF EXISTS idx_llm_usage_ts;
 DROP INDEX IF EXISTS idx_bot_metrics_ts;
 DROP INDEX IF EXISTS idx_bot_events_ts;
+DROP INDEX IF EXISTS idx_llm_usage_time;
+DROP INDEX IF EXISTS idx_bot_metrics_time;
+DROP INDEX IF EXISTS idx_bot_events_time;
 ";
 
 /// Opens (creating if needed), inspects, backs up, migrates and reads back a
@@ -291,7 +322,7 @@ fn migrate_and_restore(conn: &mut Connection, path: &Path, inspection: &Inspecti
                 }
             }
         }
-        tx.execute_batch(DROP_V1_INDEXES).map_err(wrap)?;
+        tx.execute_batch(DROP_OLD_INDEXES).map_err(wrap)?;
         tx.execute_batch(&indexes()).map_err(wrap)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(wrap)?;
     }
@@ -320,14 +351,20 @@ fn text(v: ValueRef<'_>) -> Option<String> {
     }
 }
 
-/// A time column as Unix seconds, whatever form it was stored in.
-fn time(v: ValueRef<'_>) -> Option<f64> {
+/// A time column as Unix milliseconds, whatever form it was stored in:
+/// the Rust twin of [`TS_MS`] over a value.
+pub(crate) fn time_millis(v: ValueRef<'_>) -> Option<i64> {
     match v {
-        ValueRef::Integer(i) => parse_time(&i.to_string()),
-        ValueRef::Real(f) => parse_time(&f.to_string()),
-        ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(parse_time),
+        ValueRef::Integer(i) => integer_millis(i),
+        ValueRef::Real(f) => real_millis(f),
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(text_millis),
         ValueRef::Null | ValueRef::Blob(_) => None,
     }
+}
+
+/// A time column as Unix seconds, whatever form it was stored in.
+fn time(v: ValueRef<'_>) -> Option<f64> {
+    time_millis(v).map(|ms| ms as f64 / 1000.0)
 }
 
 /// Reads every bot from `bot_status`. A row that cannot be understood (a
@@ -411,11 +448,87 @@ pub(crate) fn load_bots(conn: &Connection, now: f64) -> rusqlite::Result<Vec<Res
 mod tests {
     use super::*;
 
-    /// The SQL expression and the Rust parser read every legacy form alike.
+    use rusqlite::types::Value;
+
+    /// What [`TS_MS`] makes of a value, as an index over it would.
+    fn sql_ms(conn: &Connection, v: &Value) -> Option<i64> {
+        let mut stmt = conn.prepare_cached(&format!("SELECT {TS_MS} FROM (SELECT ?1 AS ts)")).unwrap();
+        stmt.query_row([v], |r| r.get(0)).unwrap_or_else(|e| panic!("{v:?}: {e}"))
+    }
+
+    /// What the Rust twins make of the same value.
+    fn rust_ms(v: &Value) -> Option<i64> {
+        match v {
+            Value::Integer(i) => integer_millis(*i),
+            Value::Real(f) => real_millis(*f),
+            Value::Text(t) => text_millis(t),
+            Value::Null | Value::Blob(_) => None,
+        }
+    }
+
+    /// A small deterministic generator (xorshift), so a failure reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A time in a random form of those legacy files hold, and the instant
+    /// chrono reads from it to the millisecond when it is RFC 3339.
+    fn random_time(rng: &mut Rng) -> (String, Option<i64>) {
+        // Any millisecond from year 0 to 9999.
+        let ms = -62_167_219_200_000 + rng.below(253_402_300_800_000 + 62_167_219_200_000) as i64;
+        let offset_min = rng.below(2 * 899 + 1) as i64 - 899;
+        let local = chrono::DateTime::from_timestamp_millis(ms + offset_min * 60_000).unwrap().naive_utc();
+        let digits = rng.below(13) as usize;
+        let mut fraction = format!("{:03}", ms.rem_euclid(1000));
+        while fraction.len() < digits {
+            fraction.push(char::from(b'0' + rng.below(10) as u8));
+        }
+        fraction.truncate(digits);
+        let sep = ["T", " ", "T", "  ", "TT"][rng.below(5) as usize];
+        let zone = match rng.below(5) {
+            0 => String::new(),
+            1 => "Z".into(),
+            2 => " z".into(),
+            _ => format!(
+                "{}{:02}:{:02}",
+                if offset_min < 0 { '-' } else { '+' },
+                offset_min.abs() / 60,
+                offset_min.abs() % 60
+            ),
+        };
+        let dot = if digits > 0 { format!(".{fraction}") } else { String::new() };
+        let text = format!("{}{sep}{}{dot}{zone}", local.format("%Y-%m-%d"), local.format("%H:%M:%S"));
+        // The instant it names: a naive time or `Z` is the local time read
+        // as UTC. Known to the millisecond when the fraction has three digits.
+        let named = if zone.len() == 6 { ms } else { ms + offset_min * 60_000 };
+        let in_range = (0..=9999).contains(&chrono::Datelike::year(&local));
+        let known = (digits >= 3 && in_range).then_some(named);
+        // chrono, independently, where it reads the text (RFC 3339, at most
+        // nine digits of a fraction).
+        if let (Some(k), true) = (known, sep == "T" && digits <= 9 && zone.len() != 2 && !zone.is_empty()) {
+            let chrono = chrono::DateTime::parse_from_rfc3339(&text).map(|t| t.timestamp_millis()).ok();
+            assert_eq!(chrono, Some(k), "{text:?}");
+        }
+        (text, known)
+    }
+
+    /// The SQL expression and its Rust twins give the same whole
+    /// millisecond, or both none, for every form: edge cases by hand, then
+    /// random times in every form and random corruptions of them.
     #[test]
     fn sql_and_rust_agree_on_times() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t(ts TEXT)").unwrap();
         let texts = [
             "2025-11-24T16:00:00.123456+00:00",
             "2025-11-24T11:00:00-05:00",
@@ -423,44 +536,154 @@ mod tests {
             "2025-11-24T16:00:00",
             "2025-11-24 11:00:00-05:00",
             "2025-11-24T16:00:00Z",
+            "2025-11-24T16:00:00z",
+            "2025-11-24 16:00:00 +05:30 ",
+            "2025-11-24T16:00",
+            "2025-11-24",
+            "2025-11-24 ",
+            "2025-11-24T",
+            "2025-11-24TT 16:00",
+            "2025-11-24\t16:00:00",
+            "2025-11-24\n16:00",
+            "2025-02-31",
+            "2025-11-24T24:00:00",
+            // 0.4 ms before midnight stays before it, in every SQLite.
+            "2025-11-24T23:59:59.9996",
+            "2025-11-24T23:59:59.9996+00:00",
+            "2025-11-24T23:59:59.999999999999999999999999",
+            "2025-11-24T00:00:00.0005",
+            "2025-11-24T16:00:00.5",
+            "2025-11-24T16:00:00.",
+            "2025-11-24T16:00:00.+00:00",
+            "2025-11-24T16:00:00.12-14:00",
+            "2025-11-24T16:00:00+14:59",
+            "2025-11-24T16:00:00+15:00",
+            "2025-11-24 16:00.5",
+            "2025-11-24.5",
+            "0000-01-01",
+            "0000-01-01T00:00:00+00:01",
+            "0000-03-01T00:00:00.001",
+            "9999-12-31T23:59:59.999",
+            "9999-12-31T23:59:59-01:00",
+            "1969-12-31T23:59:59.5",
+            "2025-11-24T16:00:00.123 junk",
+            "2025-11-24x",
+            "2025-13-01",
+            "2025-00-10",
+            "2025-11-00",
+            "2025-11-32",
+            "2025-11-24T16:60",
+            "2025-11-24T16:00:60",
+            "2025-11-24T25:00",
+            "2025-11-24 16:00:00+0500",
+            "2025-11-24T16:00:00.1.2",
             "1764000000",
             "1764000000.25",
+            "1764000000.9999",
             "1764000000000",
-            "2025-11-24",
+            "1764000000000.9",
+            "100000000000",
+            "99999999999.9999",
+            ".5",
+            "5.",
+            ".",
+            "",
+            "0",
+            "000001764000000",
+            "1234567890123456",
+            "123456789012345",
+            "now",
+            "NOW",
+            "yesterday",
+            "-5",
+            "+5",
+            " 1764000000",
+            "1764000000 ",
+            "1e5",
+            "16:00:00",
+            "2460000.5",
+            "1.2.3",
+            "é2025-11-24",
         ];
-        for t in texts {
-            conn.execute("INSERT INTO t(ts) VALUES (?1)", [t]).unwrap();
+        let mut values: Vec<Value> = texts.iter().map(|t| Value::Text((*t).to_owned())).collect();
+        for i in [0, 1, 1_764_000_000, 99_999_999_999, 100_000_000_000, 1_764_000_000_000, -1, i64::MAX, i64::MIN] {
+            values.push(Value::Integer(i));
         }
-        // A number stored as a number (a column without TEXT affinity).
-        conn.execute_batch("CREATE TABLE n(ts); INSERT INTO n VALUES (1764000000), (1764000000.5);").unwrap();
-        let sql: Vec<f64> = conn
-            .prepare(&format!("SELECT {TS_SECONDS} FROM t ORDER BY rowid"))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
+        for f in [
+            0.0,
+            -0.0,
+            0.0004,
+            1_764_000_000.5,
+            1_764_000_000.123_4,
+            1_764_000_000.9999999,
+            1e11,
+            99_999_999_999.999_99,
+            1_764_000_000_000.7,
+            -0.5,
+            1e300,
+            f64::INFINITY,
+        ] {
+            values.push(Value::Real(f));
+        }
+        for v in &values {
+            assert_eq!(sql_ms(&conn, v), rust_ms(v), "{v:?}");
+        }
+        // The exact instants of a few, and what is no time at all.
+        let ms = |t: &str| text_millis(t);
+        assert_eq!(ms("2025-11-24T16:00:00.123456+00:00"), Some(1_764_000_000_123));
+        assert_eq!(ms("2025-11-24T11:00:00-05:00"), Some(1_764_000_000_000));
+        assert_eq!(ms("2025-11-24T23:59:59.9996"), Some(1_764_028_799_999));
+        assert_eq!(ms("2025-02-31"), ms("2025-03-03"));
+        assert_eq!(ms("1764000000.25"), Some(1_764_000_000_250));
+        assert_eq!(ms("1764000000000.9"), Some(1_764_000_000_000));
+        for none in ["", ".", "now", "-5", "1e5", "16:00:00", "1.2.3", " 1764000000", "2025-11-24x"] {
+            assert_eq!(ms(none), None, "{none:?}");
+        }
+
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let noise = b"0123456789-:.TZz +\t";
+        for _ in 0..20_000 {
+            let (text, exact) = random_time(&mut rng);
+            let v = Value::Text(text.clone());
+            let rust = rust_ms(&v);
+            assert_eq!(sql_ms(&conn, &v), rust, "{text:?}");
+            if let Some(exact) = exact {
+                assert_eq!(rust, Some(exact), "{text:?}: the instant, cut to the millisecond");
+            }
+            // The same text with one byte changed, dropped or added.
+            let mut bytes = text.into_bytes();
+            let at = rng.below(bytes.len() as u64 + 1) as usize;
+            let c = noise[rng.below(noise.len() as u64) as usize];
+            match rng.below(3) {
+                0 if at < bytes.len() => bytes[at] = c,
+                1 if at < bytes.len() => {
+                    bytes.remove(at);
+                }
+                _ => bytes.insert(at, c),
+            }
+            let v = Value::Text(String::from_utf8(bytes).unwrap());
+            assert_eq!(sql_ms(&conn, &v), rust_ms(&v), "{v:?}");
+            // A Unix number, as a number and as text, seconds or milliseconds.
+            let n = rng.below(300_000_000_000_000) as i64;
+            let f = n as f64 / [1.0, 10.0, 1000.0, 1e6][rng.below(4) as usize];
+            for v in [Value::Integer(n), Value::Real(f), Value::Text(n.to_string()), Value::Text(f.to_string())] {
+                assert_eq!(sql_ms(&conn, &v), rust_ms(&v), "{v:?}");
+            }
+        }
+
+        // An index over the expression holds every form, 'now' too, and
+        // matches what the expression computes (integrity_check compares).
+        conn.execute_batch("CREATE TABLE t(ts TEXT); CREATE TABLE n(ts);").unwrap();
+        for v in &values {
+            conn.execute("INSERT INTO t(ts) VALUES (?1)", [v]).unwrap();
+            conn.execute("INSERT INTO n(ts) VALUES (?1)", [v]).unwrap();
+        }
+        conn.execute_batch(&format!("CREATE INDEX i ON t({TS_MS}); CREATE INDEX j ON n({TS_MS});")).unwrap();
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+        let at: i64 = conn
+            .query_row(&format!("SELECT COUNT(*) FROM t WHERE {TS_MS} = ?1"), [1_764_028_799_999_i64], |r| r.get(0))
             .unwrap();
-        for (t, s) in texts.iter().zip(&sql) {
-            let rust = parse_time(t).unwrap();
-            assert!((rust - s).abs() < 1e-3, "{t}: rust {rust} sql {s}");
-        }
-        let nums: Vec<f64> = conn
-            .prepare(&format!("SELECT {TS_SECONDS} FROM n ORDER BY rowid"))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(nums, [1_764_000_000.0, 1_764_000_000.5]);
-        // What Rust cannot read, SQL cannot either: no instant, never compared.
-        for bad in ["", "now", "NOW", "1.2.3", "yesterday"] {
-            assert_eq!(parse_time(bad), None, "{bad:?}");
-            let v: Option<f64> =
-                conn.query_row(&format!("SELECT {TS_SECONDS} FROM (SELECT ?1 AS ts)"), [bad], |r| r.get(0)).unwrap();
-            assert_eq!(v, None, "{bad:?}");
-        }
-        // An index over the expression accepts every form, and 'now' too.
-        conn.execute("INSERT INTO t(ts) VALUES ('now')", []).unwrap();
-        conn.execute_batch(&format!("CREATE INDEX i ON t({TS_SECONDS})")).unwrap();
+        assert_eq!(at, 3, "the rows at 23:59:59.999 and a fraction, through the index");
     }
 }
