@@ -3,8 +3,11 @@
 //! accepted.
 //!
 //! A file is accepted when its `user_version` is not newer than this build's,
-//! every table the exporter needs is a table (not a view), and, before the
-//! first change this build makes to it, `PRAGMA quick_check` finds it sound.
+//! every table the exporter needs is a table (not a view) with the columns
+//! that cannot be added, and, before the first change this build makes to
+//! it, `PRAGMA quick_check` finds it sound. Tables and columns are checked
+//! at every open, also at the current version: what is missing and can be
+//! added without touching a row is added like a migration step.
 //! Only then is a backup written (SQLite's online backup API, so the copy is
 //! consistent even while the bots' usage logger writes), the schema brought up
 //! to date, and the bots read back — the migration and the read-back in one
@@ -96,8 +99,9 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 4000;
 /// The tables the exporter reads and writes.
 const TABLES: [&str; 4] = ["bot_status", "bot_metrics", "llm_usage", "bot_events"];
 
-/// The columns every table must have after migration: name and the type
-/// used when the column has to be added to an older file.
+/// The columns every table must have that can be added to a file that lacks
+/// them — each nullable or with a default, so adding it touches no row: name
+/// and the type it is added with.
 const COLUMNS: &[(&str, &[(&str, &str)])] = &[
     (
         "bot_status",
@@ -118,6 +122,7 @@ const COLUMNS: &[(&str, &[(&str, &str)])] = &[
             ("features_json", "TEXT NOT NULL DEFAULT '{}'"),
         ],
     ),
+    ("bot_events", &[("pid", "INTEGER"), ("detail", "TEXT")]),
     (
         "llm_usage",
         &[
@@ -132,6 +137,27 @@ const COLUMNS: &[(&str, &[(&str, &str)])] = &[
             ("error_type", "TEXT"),
         ],
     ),
+];
+
+/// The columns the exporter writes that cannot be added to a table that
+/// lacks them (`NOT NULL` without a default, or the key): a file without one
+/// is refused, since every write would fail.
+const REQUIRED: &[(&str, &[&str])] = &[
+    ("bot_status", &["channel"]),
+    ("bot_metrics", &["ts", "channel"]),
+    ("llm_usage", &["id", "ts", "channel", "model", "feature", "tokens_in", "tokens_out"]),
+    ("bot_events", &["ts", "channel", "event"]),
+];
+
+/// The indexes the exporter creates, by name (see [`indexes`]).
+const INDEXES: [&str; 7] = [
+    "idx_bot_metrics_channel_ts",
+    "idx_llm_usage_channel_ts",
+    "idx_llm_usage_model",
+    "idx_bot_events_channel_ts",
+    "idx_llm_usage_time",
+    "idx_bot_metrics_time",
+    "idx_bot_events_time",
 ];
 
 const CREATE: &str = "
@@ -200,7 +226,7 @@ pub(crate) fn open(path: &Path, options: DbOptions) -> Result<(Connection, Vec<R
     let inspection = inspect(&conn, path)?;
     if existed && inspection.needs_change() {
         check_integrity(&conn, path)?;
-        if options.backup && inspection.version < SCHEMA_VERSION && inspection.tables > 0 {
+        if options.backup && inspection.changes_schema() && inspection.tables > 0 {
             backup(&conn, path, inspection.version)?;
         }
     }
@@ -219,12 +245,23 @@ struct Inspection {
     tables: i64,
     /// Whether the file is already in WAL mode.
     wal: bool,
+    /// What a file at this version should have and lacks, and can be given
+    /// safely: `table x`, `column x.y`, `index z`. Checked at every open, so
+    /// a file at the current version that lost a table, column or index is
+    /// repaired (after the integrity check and the backup), not accepted
+    /// to fail every write.
+    missing: Vec<String>,
 }
 
 impl Inspection {
     /// Whether opening the file will change it.
     fn needs_change(&self) -> bool {
-        self.version < SCHEMA_VERSION || !self.wal
+        self.changes_schema() || !self.wal
+    }
+
+    /// Whether opening the file will change its schema (migrate or repair).
+    fn changes_schema(&self) -> bool {
+        self.version < SCHEMA_VERSION || !self.missing.is_empty()
     }
 }
 
@@ -250,9 +287,79 @@ fn inspect(conn: &Connection, path: &Path) -> Result<Inspection> {
         }
     }
     let tables = objects.iter().filter(|(_, k)| k == "table").count() as i64;
+    let missing = if tables == 0 { Vec::new() } else { missing(conn, path, &objects)? };
     // Reading the journal mode does not change it.
     let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).map_err(wrap)?;
-    Ok(Inspection { version, tables, wal: mode.eq_ignore_ascii_case("wal") })
+    Ok(Inspection { version, tables, wal: mode.eq_ignore_ascii_case("wal"), missing })
+}
+
+/// What the file lacks of the exporter's schema and can be given without
+/// touching a row; refuses the file, naming table and column, when it lacks
+/// what cannot be added (a required column, a key `bot_status` upserts on).
+fn missing(conn: &Connection, path: &Path, objects: &[(String, String)]) -> Result<Vec<String>> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    let refuse = |reason: String| Error::DbRefused { path: path.to_owned(), reason };
+    let mut missing = Vec::new();
+    for table in TABLES {
+        if !objects.iter().any(|(n, k)| k == "table" && n.eq_ignore_ascii_case(table)) {
+            missing.push(format!("table {table}"));
+            continue;
+        }
+        let existing = column_names(conn, table).map_err(wrap)?;
+        let has = |c: &str| existing.iter().any(|e| e.eq_ignore_ascii_case(c));
+        for (t, columns) in REQUIRED.iter().filter(|(t, _)| *t == table) {
+            if let Some(c) = columns.iter().find(|c| !has(c)) {
+                return Err(refuse(format!(
+                    "table {t} has no column {c}, which the exporter writes and cannot add \
+                     (NOT NULL without a default); add it or move the table aside"
+                )));
+            }
+        }
+        for (t, columns) in COLUMNS.iter().filter(|(t, _)| *t == table) {
+            missing.extend(columns.iter().filter(|(c, _)| !has(c)).map(|(c, _)| format!("column {t}.{c}")));
+        }
+    }
+    if objects.iter().any(|(n, k)| k == "table" && n.eq_ignore_ascii_case("bot_status"))
+        && !channel_is_unique(conn).map_err(wrap)?
+    {
+        return Err(refuse(
+            "column bot_status.channel is not unique (no PRIMARY KEY or UNIQUE index), \
+             and the exporter keeps one row per channel"
+                .into(),
+        ));
+    }
+    let mut stmt = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index'").map_err(wrap)?;
+    let indexes = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(wrap)?;
+    missing.extend(
+        INDEXES.iter().filter(|i| !indexes.iter().any(|n| n.eq_ignore_ascii_case(i))).map(|i| format!("index {i}")),
+    );
+    Ok(missing)
+}
+
+/// Whether `bot_status` has a unique index on `channel` alone, which its
+/// upsert (`ON CONFLICT(channel)`) needs.
+fn channel_is_unique(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut list = conn.prepare("SELECT name, \"unique\" FROM pragma_index_list('bot_status')")?;
+    let unique: Vec<String> = list
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .filter_map(|r| r.ok().filter(|(_, u)| *u == 1).map(|(n, _)| n))
+        .collect();
+    for index in unique {
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_index_info(?1)")?
+            .query_map([&index], |r| r.get::<_, Option<String>>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        if columns.len() == 1 && columns[0].eq_ignore_ascii_case("channel") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Refuses a file that SQLite finds damaged, before anything is written to it.
@@ -311,7 +418,7 @@ fn migrate_and_restore(conn: &mut Connection, path: &Path, inspection: &Inspecti
         info!(path = %path.display(), "database created");
     }
     let mut added = Vec::new();
-    if inspection.version < SCHEMA_VERSION {
+    if inspection.changes_schema() {
         tx.execute_batch(CREATE).map_err(wrap)?;
         for (table, columns) in COLUMNS {
             let existing = column_names(&tx, table).map_err(wrap)?;
@@ -322,7 +429,9 @@ fn migrate_and_restore(conn: &mut Connection, path: &Path, inspection: &Inspecti
                 }
             }
         }
-        tx.execute_batch(DROP_OLD_INDEXES).map_err(wrap)?;
+        if inspection.version < SCHEMA_VERSION {
+            tx.execute_batch(DROP_OLD_INDEXES).map_err(wrap)?;
+        }
         tx.execute_batch(&indexes()).map_err(wrap)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(wrap)?;
     }
@@ -330,6 +439,13 @@ fn migrate_and_restore(conn: &mut Connection, path: &Path, inspection: &Inspecti
     tx.commit().map_err(wrap)?;
     if inspection.version < SCHEMA_VERSION && inspection.tables > 0 {
         info!(path = %path.display(), from = inspection.version, to = SCHEMA_VERSION, added = ?added, "database migrated");
+    } else if inspection.tables > 0 && !inspection.missing.is_empty() {
+        warn!(
+            path = %path.display(),
+            schema_version = SCHEMA_VERSION,
+            repaired = ?inspection.missing,
+            "database at the current schema version lacked tables, columns or indexes; created them (no row was changed)"
+        );
     }
     Ok(bots)
 }

@@ -163,3 +163,104 @@ fn a_version_3_file_gets_millisecond_time_indexes_and_keeps_its_rows() {
     assert_eq!(check, "ok");
     assert_eq!(files_starting(tmp.path(), "monitor.db.v3-").len(), 1, "one backup before the schema change");
 }
+
+fn usage_lines(channel: &str, n: usize) -> String {
+    let mut buf = String::new();
+    for i in 0..n {
+        buf.push_str(&format!(
+            r#"{{"type": "llm_usage", "channel": "{channel}", "model": "gpt-4o", "feature": "f", "tokens_in": {i}, "tokens_out": 1, "ttft_ms": 5, "status": "error", "error_type": "timeout"}}"#
+        ));
+        buf.push('\n');
+    }
+    buf
+}
+
+/// A file the exporter made at the current version, then changed by `sql`.
+fn current_file_changed_by(dir: &std::path::Path, sql: &str) -> std::path::PathBuf {
+    let mut e = Exporter::start_in(dir, &[]);
+    e.send(LLM_USAGE);
+    wait_until("the first row", Duration::from_secs(10), || e.count("SELECT COUNT(*) FROM llm_usage") == 1);
+    assert!(e.terminate().success());
+    let path = dir.join("monitor.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(sql).unwrap();
+    let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, kissbot_exporter::testing::SCHEMA_VERSION);
+    drop(c);
+    path
+}
+
+// 4. A file at the current version is checked at every open.
+#[test]
+fn a_current_file_missing_a_table_and_columns_is_repaired_and_every_row_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    current_file_changed_by(
+        tmp.path(),
+        "DROP TABLE bot_events; DROP INDEX idx_llm_usage_model;
+         ALTER TABLE llm_usage DROP COLUMN ttft_ms; ALTER TABLE llm_usage DROP COLUMN error_type;",
+    );
+    for f in files_starting(tmp.path(), "monitor.db.") {
+        std::fs::remove_file(tmp.path().join(f)).unwrap();
+    }
+    let mut e = Exporter::start_in(tmp.path(), &[]);
+    e.send(REGISTER);
+    e.send_raw(usage_lines("ledger", 200).as_bytes());
+    wait_until("200 of 200 ledger rows", Duration::from_secs(20), || {
+        e.count("SELECT COUNT(*) FROM llm_usage WHERE channel = 'ledger' AND ttft_ms = 5 AND error_type = 'timeout'")
+            == 200
+    });
+    wait_until("the register event", Duration::from_secs(10), || {
+        e.count("SELECT COUNT(*) FROM bot_events WHERE event = 'register'") == 1
+    });
+    assert_eq!(e.metric("kissbot_exporter_db_write_errors_total"), Some(0.0));
+    let log = e.log_text();
+    assert!(
+        log.contains("lacked tables, columns or indexes")
+            && log.contains("table bot_events")
+            && log.contains("column llm_usage.ttft_ms")
+            && log.contains("index idx_llm_usage_model"),
+        "the repair is logged with what it created:\n{log}"
+    );
+    assert!(e.terminate().success());
+    // Backed up before the repair, as before a migration.
+    assert_eq!(
+        files_starting(tmp.path(), &format!("monitor.db.v{}-", kissbot_exporter::testing::SCHEMA_VERSION)).len(),
+        1
+    );
+    assert_eq!(e.count("SELECT COUNT(*) FROM llm_usage"), 201, "the row written before is kept");
+}
+
+#[test]
+fn a_current_file_missing_a_required_column_is_refused_unchanged() {
+    for (sql, table, column) in [
+        ("ALTER TABLE llm_usage DROP COLUMN feature", "llm_usage", "feature"),
+        ("ALTER TABLE bot_events DROP COLUMN event", "bot_events", "event"),
+        (
+            "ALTER TABLE bot_status RENAME TO old_status;
+             CREATE TABLE bot_status(channel TEXT, pid INTEGER NOT NULL, status TEXT NOT NULL,
+                 features_json TEXT NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL);",
+            "bot_status",
+            "channel",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = current_file_changed_by(tmp.path(), sql);
+        let before = std::fs::read(&path).unwrap();
+        let (mut child, log) = spawn(tmp.path(), &[]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "{table}.{column}: the exporter did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{table}.{column}: must be refused");
+        let text = log.lock().unwrap().join("\n");
+        assert!(
+            text.contains("refusing database") && text.contains(table) && text.contains(&format!(" {column}")),
+            "{table}.{column}: the error names table and column:\n{text}"
+        );
+        assert!(std::fs::read(&path).unwrap() == before, "{table}.{column}: the file changed");
+    }
+}
