@@ -69,19 +69,21 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The backup before a migration could not be written; nothing was migrated.
+    /// The backup before a schema change could not be written; nothing was
+    /// changed, and no partial backup was left.
     #[error(
-        "cannot back up database {path} to {target} before migrating it: {source}; \
-         free space or start with --db.migration-backup=false"
+        "cannot back up database {path} to {target} before changing its schema: {cause}; \
+         the database was not changed (fix the cause, or start with --db.migration-backup=false)"
     )]
     DbBackup {
         /// The database file.
         path: PathBuf,
         /// The backup file.
         target: PathBuf,
-        /// The underlying SQLite error.
-        #[source]
-        source: rusqlite::Error,
+        /// The real cause: the operating system's error (`permission denied`,
+        /// `no space left on device`, `file too large`) where there is one,
+        /// with SQLite's.
+        cause: String,
     },
     /// Another process holds a lock this exporter needs.
     #[error("{what} {path} is in use by another running exporter (its lock file {lock} is held)")]

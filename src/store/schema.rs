@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::clock::{integer_millis, real_millis, text_millis, unix_now};
 use crate::error::{Error, Result};
@@ -376,33 +376,207 @@ fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
     Err(Error::DbRefused { path: path.to_owned(), reason: format!("integrity check failed: {}", problems.join("; ")) })
 }
 
-/// Where the backup of a file at `version` goes: next to it, named by the
-/// version it holds and the time it was taken.
-fn backup_path(path: &Path, version: i64) -> PathBuf {
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+/// The name prefix of backups of `path` at `version`: `<file>.v<version>-`.
+fn backup_prefix(path: &Path, version: i64) -> std::ffi::OsString {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".v{version}-{stamp}.bak"));
-    path.with_file_name(name)
+    name.push(format!(".v{version}-"));
+    name
 }
 
-/// Copies the whole file with SQLite's online backup API. A file that cannot
-/// be backed up is not migrated: the error says how to proceed.
+/// Where a new backup of a file at `version` goes: next to it, named by the
+/// version it holds and the time it was taken (a suffix if that name is
+/// taken).
+fn backup_path(path: &Path, version: i64) -> PathBuf {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let mut name = backup_prefix(path, version);
+    name.push(format!("{stamp}.bak"));
+    let mut target = path.with_file_name(&name);
+    let mut n = 1;
+    while target.exists() {
+        n += 1;
+        let mut other = backup_prefix(path, version);
+        other.push(format!("{stamp}-{n}.bak"));
+        target = path.with_file_name(other);
+    }
+    target
+}
+
+/// The temporary name a backup is written under until it is complete.
+fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_os_string();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// The schema of a database, as its `sqlite_master` rows: two files with the
+/// same are at the same schema step.
+fn schema_of(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Option<String>)>> {
+    conn.prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect()
+}
+
+/// A complete backup of this file at this schema step, if one is next to
+/// it: named for this file and `version`, a sound SQLite file
+/// (`quick_check`) with that `user_version` and the same schema as the file
+/// has now. A migration that failed leaves the file at the step it was, so
+/// its next attempt finds the backup the first one made.
+fn reusable_backup(path: &Path, version: i64, schema: &[(String, String, Option<String>)]) -> Option<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let prefix = backup_prefix(path, version);
+    let prefix = prefix.to_string_lossy();
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(prefix.as_ref()) && name.ends_with(".bak")
+        })
+        .map(|e| e.path())
+        .collect();
+    // The newest first: the stamp sorts by time.
+    candidates.sort();
+    candidates.into_iter().rev().find(|candidate| {
+        let sound = || -> rusqlite::Result<bool> {
+            let b = Connection::open_with_flags(candidate, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let v: i64 = b.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let check: String = b.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+            Ok(v == version && check == "ok" && schema_of(&b)? == schema)
+        };
+        sound().unwrap_or(false)
+    })
+}
+
+/// Removes backups of this file left half-written by an exporter that died
+/// while writing them (`<file>.v<n>-<time>.bak.partial`): they were never
+/// complete, and the lock file keeps a second exporter off this file.
+fn remove_partial_backups(path: &Path) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut prefix = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    prefix.push(".v");
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".bak.partial") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => warn!(file = %e.path().display(), "removed an incomplete backup left by an earlier run"),
+                Err(err) => warn!(file = %e.path().display(), error = %err, "cannot remove an incomplete backup"),
+            }
+        }
+    }
+}
+
+/// Backs up the whole file before its schema changes, once per schema
+/// step: a complete backup of this file at this step is reused (and the log
+/// says so) rather than a copy made at every start of a migration that
+/// keeps failing. A file that cannot be backed up is not changed, and the
+/// error gives the real cause.
 fn backup(conn: &Connection, path: &Path, version: i64) -> Result<()> {
+    let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    remove_partial_backups(path);
+    let schema = schema_of(conn).map_err(wrap)?;
+    if let Some(existing) = reusable_backup(path, version, &schema) {
+        info!(
+            path = %path.display(),
+            backup = %existing.display(),
+            schema_version = version,
+            "a complete backup of this schema step exists; reusing it instead of making another \
+             (it lacks rows written since it was taken)"
+        );
+        return Ok(());
+    }
     let target = backup_path(path, version);
+    let partial = partial_path(&target);
     let started = std::time::Instant::now();
-    conn.backup(rusqlite::DatabaseName::Main, &target, None).map_err(|source| Error::DbBackup {
-        path: path.to_owned(),
-        target: target.clone(),
-        source,
-    })?;
+    let written = write_backup(conn, &partial, version).and_then(|()| {
+        std::fs::rename(&partial, &target).map_err(|e| os_cause(&e))?;
+        sync_dir(&target);
+        Ok(())
+    });
+    if let Err(cause) = written {
+        // Never leave a partial copy that looks like a backup.
+        if let Err(e) = std::fs::remove_file(&partial) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(file = %partial.display(), error = %e, "cannot remove the incomplete backup");
+            }
+        }
+        return Err(Error::DbBackup { path: path.to_owned(), target, cause });
+    }
     info!(
         path = %path.display(),
         backup = %target.display(),
         schema_version = version,
         seconds = started.elapsed().as_secs_f64(),
-        "database backed up before its first schema change (turn off with --db.migration-backup=false)"
+        "database backed up before its schema changes (turn off with --db.migration-backup=false)"
     );
     Ok(())
+}
+
+/// Writes a consistent copy of the database to `partial` with `VACUUM
+/// INTO` (a read transaction, so the bots' usage logger may go on writing),
+/// flushes it to disk and checks it holds `version`. Returns the real cause
+/// on failure: SQLite's online backup API reports a failed copy on the
+/// copy's connection only when it is finished, so its error read "not an
+/// error"; `VACUUM INTO` fails on this connection with the code, and the
+/// operating system's error number is read from it.
+fn write_backup(conn: &Connection, partial: &Path, version: i64) -> std::result::Result<(), String> {
+    // Created here first: a directory that cannot take a new file is named
+    // with the operating system's reason, not SQLite's "unable to open".
+    std::fs::OpenOptions::new().write(true).create_new(true).open(partial).map_err(|e| os_cause(&e))?;
+    let target = partial.to_str().ok_or_else(|| format!("the path {} is not UTF-8", partial.display()))?;
+    if let Err(e) = conn.execute("VACUUM INTO ?1", [target]) {
+        return Err(sqlite_cause(conn, &e));
+    }
+    let file = std::fs::File::open(partial).map_err(|e| os_cause(&e))?;
+    file.sync_all().map_err(|e| os_cause(&e))?;
+    let copy = Connection::open_with_flags(partial, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("the copy cannot be opened: {e}"))?;
+    let v: i64 = copy
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| format!("the copy cannot be read: {e}"))?;
+    if v != version {
+        return Err(format!("the copy holds schema version {v}, not {version}"));
+    }
+    Ok(())
+}
+
+/// An I/O error as a cause, lower-case: `permission denied (os error 13)`.
+fn os_cause(e: &std::io::Error) -> String {
+    lower_first(&e.to_string())
+}
+
+/// A SQLite error as a cause, with the operating system's error where
+/// SQLite recorded one, and a full disk named as such.
+fn sqlite_cause(conn: &Connection, e: &rusqlite::Error) -> String {
+    // SAFETY: `handle` is this open connection's own pointer, used at once
+    // on this thread for a read-only call that only reads an integer field.
+    let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+    let full = matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull);
+    match (errno, full) {
+        (0, true) => format!("no space left on device ({e})"),
+        (0, false) => e.to_string(),
+        (n, _) => format!("{} ({e})", os_cause(&std::io::Error::from_raw_os_error(n))),
+    }
+}
+
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Makes a rename durable. Failing to is no reason to stop: the backup is
+/// complete, only a power cut right now could lose its name.
+fn sync_dir(file: &Path) {
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            debug!(dir = %dir.display(), error = %e, "cannot sync the directory after the backup");
+        }
+    }
 }
 
 /// Brings any legacy shape up to [`SCHEMA_VERSION`] and reads the bots back,

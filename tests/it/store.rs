@@ -264,3 +264,116 @@ fn a_current_file_missing_a_required_column_is_refused_unchanged() {
         assert!(std::fs::read(&path).unwrap() == before, "{table}.{column}: the file changed");
     }
 }
+
+/// Runs the exporter until it exits (it must, within 20 s) and returns
+/// whether it succeeded and its log.
+fn run_to_exit(mut cmd: std::process::Command) -> (bool, String) {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(out.wait_with_output());
+    });
+    let out = rx.recv_timeout(Duration::from_secs(20)).expect("the exporter stops by itself").unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn exporter_command(dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(binary());
+    cmd.arg("--socket.path")
+        .arg(dir.join("monitor.sock"))
+        .arg("--db.path")
+        .arg(dir.join("monitor.db"))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .arg("--log.level=info")
+        .args(extra)
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+// 8. One backup per schema step; a failed backup leaves nothing and says why.
+#[test]
+fn a_migration_that_keeps_failing_makes_one_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("monitor.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(MONITOR_SCHEMA).unwrap();
+    c.execute(
+        "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out) VALUES ('2025-11-24 16:00:00', 'a', 'm', 'f', 1, 1)",
+        [],
+    )
+    .unwrap();
+    // Another process holds the write lock: reading (the integrity check,
+    // the backup) works, the migration does not.
+    c.execute_batch("BEGIN IMMEDIATE").unwrap();
+    for attempt in 0..3 {
+        let (ok, log) = run_to_exit(exporter_command(tmp.path(), &["--db.busy-timeout=100ms"]));
+        assert!(!ok, "attempt {attempt}: the migration cannot take the lock:\n{log}");
+        assert!(log.contains("locked"), "attempt {attempt}: {log}");
+        if attempt > 0 {
+            assert!(log.contains("reusing it instead of making another"), "attempt {attempt}: {log}");
+        }
+        assert_eq!(files_starting(tmp.path(), "monitor.db.v0-").len(), 1, "attempt {attempt}: one backup");
+    }
+    c.execute_batch("COMMIT").unwrap();
+    drop(c);
+    let mut e = Exporter::start_in(tmp.path(), &["--db.retention=0"]);
+    assert!(e.log_text().contains("reusing it"), "{}", e.log_text());
+    assert!(e.terminate().success());
+    let backups = files_starting(tmp.path(), "monitor.db.v");
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let b = rusqlite::Connection::open(tmp.path().join(&backups[0])).unwrap();
+    assert_eq!(b.query_row("SELECT COUNT(*) FROM llm_usage", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+}
+
+#[test]
+fn a_backup_that_fails_leaves_no_file_and_names_the_real_cause() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("monitor.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(MONITOR_SCHEMA).unwrap();
+    c.execute_batch("BEGIN").unwrap();
+    for i in 0..20_000 {
+        c.execute(
+            "INSERT INTO llm_usage(ts, channel, model, feature, tokens_in, tokens_out) VALUES ('2025-11-24 16:00:00', ?1, 'model', 'feature', 1, 1)",
+            [format!("channel-{i:06}")],
+        )
+        .unwrap();
+    }
+    c.execute_batch("COMMIT").unwrap();
+    drop(c);
+    let before = std::fs::read(&path).unwrap();
+    assert!(before.len() > 1 << 20);
+    // A file-size limit below the copy's size, which binds root too: the
+    // copy's writes fail as a full disk's would.
+    let mut cmd = exporter_command(tmp.path(), &[]);
+    // SAFETY: only async-signal-safe calls (setrlimit, signal) between fork
+    // and exec. SIGXFSZ is ignored so that the write fails with EFBIG
+    // instead of killing the process.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 512 * 1024, rlim_max: 512 * 1024 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let (ok, log) = run_to_exit(cmd);
+    assert!(!ok, "{log}");
+    assert!(log.contains("cannot back up database"), "{log}");
+    assert!(!log.contains("not an error"), "the real cause, not SQLite's placeholder:\n{log}");
+    assert!(
+        log.contains("file too large") || log.contains("no space left on device"),
+        "the operating system's cause:\n{log}"
+    );
+    let left: Vec<String> = files_starting(tmp.path(), "monitor.db.");
+    assert!(left.iter().all(|n| !n.contains(".bak")), "no partial backup is left: {left:?}");
+    assert!(std::fs::read(&path).unwrap() == before, "the database was not changed");
+}
