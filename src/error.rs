@@ -51,6 +51,15 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database's directory or file cannot be used by this process (not
+    /// a directory, not writable); nothing was created.
+    #[error("cannot use database {path}: {reason}")]
+    DbAccess {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong, with the operating system's reason and the uid.
+        reason: String,
+    },
     /// The database was written by a newer exporter with an unknown schema.
     #[error("database {path} has schema version {found}, newer than the supported {supported}")]
     DbTooNew {

@@ -212,6 +212,7 @@ DROP INDEX IF EXISTS idx_bot_events_time;
 /// database file. Returns the connection and the bots found in `bot_status`.
 pub(crate) fn open(path: &Path, options: DbOptions) -> Result<(Connection, Vec<RestoredBot>)> {
     let wrap = |source| Error::DbOpen { path: path.to_owned(), source };
+    check_access(path)?;
     let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
     let mut conn = Connection::open(path).map_err(wrap)?;
     conn.busy_timeout(options.busy_timeout).map_err(wrap)?;
@@ -235,6 +236,61 @@ pub(crate) fn open(path: &Path, options: DbOptions) -> Result<(Connection, Vec<R
         conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
     }
     Ok((conn, bots))
+}
+
+/// Checks that this process can use the database at `path`: its directory
+/// exists, is a directory, and is writable (SQLite creates the `-wal`,
+/// `-shm` and `-journal` files next to the database, and the exporter its
+/// lock file and backups), and an existing file is readable and writable.
+/// The error names the real cause — `permission denied: directory … is not
+/// writable by uid N` — where the failure it prevents would read "no such
+/// file or directory" or "unable to open database file".
+pub(crate) fn check_access(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |reason: String| Err(Error::DbAccess { path: path.to_owned(), reason });
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // Whether the effective user may access `p` as `mode` asks; the reason
+    // if not.
+    let access = |p: &Path, mode: libc::c_int| -> std::result::Result<(), std::io::Error> {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path holds a NUL byte"))?;
+        // SAFETY: `c` is a NUL-terminated path that outlives the call, which
+        // only reads it.
+        let rc = unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return fail(format!("directory {} is not a directory", dir.display())),
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return fail(format!("directory {} is not a directory (a part of the path is a file)", dir.display()))
+        }
+        Err(e) => return fail(format!("directory {}: {}", dir.display(), os_cause(&e))),
+    }
+    if let Err(e) = access(dir, libc::W_OK | libc::X_OK) {
+        let why = match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => "permission denied".to_owned(),
+            Some(libc::EROFS) => "read-only file system".to_owned(),
+            _ => os_cause(&e),
+        };
+        return fail(format!(
+            "{why}: directory {} is not writable by uid {uid} (SQLite creates the -wal and -journal files \
+             next to the database)",
+            dir.display()
+        ));
+    }
+    if path.exists() {
+        if let Err(e) = access(path, libc::R_OK | libc::W_OK) {
+            return fail(format!("{}: file {} is not writable by uid {uid}", os_cause(&e), path.display()));
+        }
+    }
+    Ok(())
 }
 
 /// What a read-only look at a file found.

@@ -284,14 +284,14 @@ fn run_to_exit(mut cmd: std::process::Command) -> (bool, String) {
 
 fn exporter_command(dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(binary());
-    cmd.arg("--socket.path")
-        .arg(dir.join("monitor.sock"))
-        .arg("--db.path")
-        .arg(dir.join("monitor.db"))
-        .arg("--web.listen-address=127.0.0.1:0")
-        .arg("--log.level=info")
-        .args(extra)
-        .env_remove("RUST_LOG");
+    let given = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
+    if !given("--socket.path") {
+        cmd.arg("--socket.path").arg(dir.join("monitor.sock"));
+    }
+    if !given("--db.path") {
+        cmd.arg("--db.path").arg(dir.join("monitor.db"));
+    }
+    cmd.arg("--web.listen-address=127.0.0.1:0").arg("--log.level=info").args(extra).env_remove("RUST_LOG");
     cmd
 }
 
@@ -376,4 +376,50 @@ fn a_backup_that_fails_leaves_no_file_and_names_the_real_cause() {
     let left: Vec<String> = files_starting(tmp.path(), "monitor.db.");
     assert!(left.iter().all(|n| !n.contains(".bak")), "no partial backup is left: {left:?}");
     assert!(std::fs::read(&path).unwrap() == before, "the database was not changed");
+}
+
+// 12. A directory the exporter cannot write is named as such.
+#[test]
+fn a_read_only_database_directory_is_reported_as_not_writable() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sockets = tmp.path().join("sockets");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&sockets).unwrap();
+    let set = |p: &std::path::Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    set(tmp.path(), 0o755);
+    set(&sockets, 0o777);
+    set(&data, 0o555);
+    let socket = format!("--socket.path={}", sockets.join("monitor.sock").display());
+    let db = format!("--db.path={}", data.join("monitor.db").display());
+    let mut cmd = exporter_command(tmp.path(), &[&socket, &db]);
+    // SAFETY: geteuid has no preconditions.
+    let uid = if unsafe { libc::geteuid() } == 0 {
+        // Root writes into any directory whatever its mode, so the exporter
+        // runs as nobody, for whom the mode holds.
+        cmd.uid(65534).gid(65534);
+        65534
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::geteuid() }
+    };
+    let (ok, log) = run_to_exit(cmd);
+    assert!(!ok, "{log}");
+    let want = format!("permission denied: directory {} is not writable by uid {uid}", data.display());
+    assert!(log.contains(&want), "the real cause, {want:?}:\n{log}");
+    assert!(!log.contains("No such file or directory"), "{log}");
+}
+
+#[test]
+fn a_database_path_under_a_file_is_reported_as_not_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let db = file.join("monitor.db");
+    let (ok, log) = run_to_exit(exporter_command(tmp.path(), &[&format!("--db.path={}", db.display())]));
+    assert!(!ok, "{log}");
+    let want = format!("directory {} is not a directory", file.display());
+    assert!(log.contains(&want), "{want:?}:\n{log}");
 }
