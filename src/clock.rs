@@ -16,7 +16,7 @@ pub fn unix_now() -> f64 {
 /// (`datetime.isoformat()` of an aware UTC time), cut (not rounded) to the
 /// microsecond: the text then never names a later instant than `ts`, so a
 /// call made before midnight is stored before midnight, and the day the
-/// database gives it ([`text_millis`], to the millisecond) is the day the
+/// database gives it (`text_millis`, to the millisecond) is the day the
 /// live spend counted it in (by comparing `ts` itself).
 pub fn format_time(ts: f64) -> String {
     // `ts - floor(ts)` is exact in f64, and its microseconds cannot round up
@@ -48,8 +48,8 @@ const UNIX_EPOCH_JD_MS: i64 = 210_866_760_000_000;
 const MAX_JD_MS: i64 = 464_269_060_799_999;
 
 /// Parses every time form found in legacy files, to Unix seconds: the
-/// instant [`text_millis`] gives, in seconds. For `since=` and reading
-/// `bot_status` back; comparisons with the database use [`text_millis`].
+/// instant `text_millis` gives, in seconds. For `since=` and reading
+/// `bot_status` back; comparisons with the database use `text_millis`.
 pub fn parse_time(s: &str) -> Option<f64> {
     text_millis(s).map(|ms| ms as f64 / 1000.0)
 }
@@ -64,7 +64,7 @@ pub fn parse_time(s: &str) -> Option<f64> {
 ///   `2025-11-24 16:00:00` (naive: UTC, as the legacy monitor wrote), or
 ///   `2025-11-24` (midnight UTC). A fraction of a second of any length is
 ///   cut to the millisecond;
-/// - a Unix number as text, seconds or (from [`MILLIS_THRESHOLD`])
+/// - a Unix number as text, seconds or (from `MILLIS_THRESHOLD`)
 ///   milliseconds, with an optional fraction.
 ///
 /// Anything else — more than one `.`, a sign, spaces around a number,
@@ -109,7 +109,7 @@ pub fn text_millis(s: &str) -> Option<i64> {
 }
 
 /// The instant an integer `ts` means, in Unix milliseconds (the SQL twin's
-/// integer branch): seconds, or milliseconds from [`MILLIS_THRESHOLD`];
+/// integer branch): seconds, or milliseconds from `MILLIS_THRESHOLD`;
 /// negative numbers are no time.
 pub fn integer_millis(i: i64) -> Option<i64> {
     match i {

@@ -33,7 +33,7 @@ use crate::row::RestoredBot;
 /// - 3: `llm_usage.ttft_ms` and `llm_usage.error_type`, both nullable. Adding
 ///   them needs a new version because the migration runs only for files
 ///   older than this build's.
-/// - 4: the time indexes over whole milliseconds ([`TS_MS`]) instead of
+/// - 4: the time indexes over whole milliseconds (`TS_MS`) instead of
 ///   seconds as a float, exact and the same in every SQLite version; the
 ///   migration recreates them.
 pub const SCHEMA_VERSION: i64 = 4;
