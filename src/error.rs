@@ -51,6 +51,15 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database's directory or file cannot be used by this process (not
+    /// a directory, not writable); nothing was created.
+    #[error("cannot use database {path}: {reason}")]
+    DbAccess {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong, with the operating system's reason and the uid.
+        reason: String,
+    },
     /// The database was written by a newer exporter with an unknown schema.
     #[error("database {path} has schema version {found}, newer than the supported {supported}")]
     DbTooNew {
@@ -69,19 +78,21 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The backup before a migration could not be written; nothing was migrated.
+    /// The backup before a schema change could not be written; nothing was
+    /// changed, and no partial backup was left.
     #[error(
-        "cannot back up database {path} to {target} before migrating it: {source}; \
-         free space or start with --db.migration-backup=false"
+        "cannot back up database {path} to {target} before changing its schema: {cause}; \
+         the database was not changed (fix the cause, or start with --db.migration-backup=false)"
     )]
     DbBackup {
         /// The database file.
         path: PathBuf,
         /// The backup file.
         target: PathBuf,
-        /// The underlying SQLite error.
-        #[source]
-        source: rusqlite::Error,
+        /// The real cause: the operating system's error (`permission denied`,
+        /// `no space left on device`, `file too large`) where there is one,
+        /// with SQLite's.
+        cause: String,
     },
     /// Another process holds a lock this exporter needs.
     #[error("{what} {path} is in use by another running exporter (its lock file {lock} is held)")]

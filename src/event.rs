@@ -11,9 +11,10 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-/// Longest channel, model or feature name accepted, in bytes. Longer channels
-/// are rejected (they are identities); longer model and feature names are
-/// truncated (they are only labels).
+/// Longest channel name accepted, and longest label value, in bytes. Longer
+/// channels are rejected (they are identities); longer model and feature
+/// names are accepted whole and stored whole in `llm_usage`, and only their
+/// labels are cut to this length (by the state, which keys series by them).
 pub const MAX_LABEL_BYTES: usize = 128;
 
 /// Largest token count accepted for one call; anything above is a broken sender.
@@ -82,7 +83,9 @@ pub struct LlmUsage {
     pub pid: Option<u32>,
     /// Cost in USD reported by the sender (`cost_usd` or `estimated_cost`).
     pub reported_cost_usd: Option<f64>,
-    /// True when the model or feature name was cut to [`MAX_LABEL_BYTES`].
+    /// True when the model or feature name is longer than
+    /// [`MAX_LABEL_BYTES`]: the names stay whole here and in the row, and
+    /// their labels are cut.
     pub truncated: bool,
     /// The provider, when the sender names it (e.g. `openai`).
     pub provider: Option<String>,
@@ -487,7 +490,9 @@ pub fn parse_line(line: &[u8]) -> Result<Event, Rejection> {
             let provider = match raw.provider.as_ref() {
                 None | Some(Scalar::Null) => None,
                 Some(Scalar::Str(s)) if s.is_empty() => None,
-                Some(Scalar::Str(s)) => Some(truncate(s, MAX_LABEL_BYTES).to_owned()),
+                // Never a label, so kept whole like the model's name; the
+                // line-length limit bounds it.
+                Some(Scalar::Str(s)) => Some(s.clone().into_owned()),
                 Some(other) => return Err(wrong_type("provider", "a string", other)),
             };
             let tokens_cached = match raw.tokens_cached.as_ref() {
@@ -602,15 +607,17 @@ fn channel(raw: &Raw<'_>) -> Result<String, Rejection> {
     }
 }
 
-/// A model or feature name: required, and truncated rather than rejected when
-/// too long because losing a call's tokens would be worse than a cut label.
+/// A model or feature name: required, and kept whole however long (the
+/// line-length limit bounds it). It is not rejected when longer than a label
+/// may be, because losing a call's tokens would be worse than a cut label;
+/// the state cuts the label and the row keeps the name.
 fn label(v: Option<&Scalar<'_>>, field: &str) -> Result<String, Rejection> {
     match v {
         None | Some(Scalar::Null) => Err(missing(field)),
         Some(Scalar::Str(s)) if s.is_empty() => {
             Err(Rejection::new(Reason::MissingField, format!("field {field:?} is empty")))
         }
-        Some(Scalar::Str(s)) => Ok(truncate(s, MAX_LABEL_BYTES).to_owned()),
+        Some(Scalar::Str(s)) => Ok(s.clone().into_owned()),
         Some(other) => Err(wrong_type(field, "a string", other)),
     }
 }
@@ -866,6 +873,7 @@ mod tests {
             r#"{{"type":"llm_usage","channel":"a","model":"{long_model}","feature":"f","tokens_in":1,"tokens_out":1}}"#
         );
         let Event::LlmUsage(u) = parse_line(line.as_bytes()).unwrap() else { panic!() };
-        assert!(u.model.len() <= MAX_LABEL_BYTES && u.model.chars().all(|c| c == 'é'));
+        assert_eq!(u.model, long_model, "kept whole; only its label is cut");
+        assert!(u.truncated);
     }
 }

@@ -12,7 +12,9 @@ pub fn parse_line_properties(data: &[u8]) {
         if let Event::LlmUsage(u) = event {
             assert!(u.tokens_in <= MAX_TOKENS && u.tokens_out <= MAX_TOKENS);
             assert!(u.tokens_cached <= u.tokens_in);
-            assert!(u.model.len() <= MAX_LABEL_BYTES && u.feature.len() <= MAX_LABEL_BYTES);
+            // Names are kept whole; the flag says whether their labels are cut.
+            assert!(!u.model.is_empty() && !u.feature.is_empty());
+            assert_eq!(u.truncated, u.model.len() > MAX_LABEL_BYTES || u.feature.len() > MAX_LABEL_BYTES);
             assert_eq!(u.error, u.error_type.is_some());
             for v in [u.latency_ms, u.ttft_ms, u.reported_cost_usd].into_iter().flatten() {
                 assert!(v.is_finite() && v >= 0.0);

@@ -250,6 +250,9 @@ async fn start_inner(
     if let (Some(p), Some(b)) = (&config.budgets_file, &budgets) {
         info!(path = %p.display(), budgets = b.len(), "budgets file loaded");
     }
+    // A directory the exporter cannot write is named as such, before the
+    // lock file (created next to the database) fails less clearly.
+    store::check_access(&config.db_path)?;
     // One database, one exporter: a second one on the same file would fight
     // over bot_status.
     let db_lock = match LockFile::acquire("database", &config.db_path)? {

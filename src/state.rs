@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 use tracing::{info, warn};
 
 use crate::budget::{BudgetLine, Budgets, SpendTracker};
-use crate::event::{ErrorType, Event, LlmUsage, Reason, Rejection};
+use crate::event::{truncate, ErrorType, Event, LlmUsage, Reason, Rejection, MAX_LABEL_BYTES};
 use crate::pricing::PriceTable;
 use crate::ratelimit::RateLimitedLog;
 use crate::row::{RestoredBot, Row, UsageIds};
@@ -655,10 +655,20 @@ impl State {
         if u.truncated {
             self.overflow.length.inc();
         }
+        // Names longer than a label may be are cut in the series key only;
+        // the row keeps them whole. Such names are rare, so only they cost
+        // an allocation here.
+        let (model, feature, whole) = if u.truncated {
+            let cut =
+                (truncate(&u.model, MAX_LABEL_BYTES).to_owned(), truncate(&u.feature, MAX_LABEL_BYTES).to_owned());
+            (cut.0, cut.1, Some((u.model, u.feature)))
+        } else {
+            (u.model, u.feature, None)
+        };
         // This runs for every call, so the call's own strings serve as the
         // map keys and end up in its row: a known series costs lookups and
         // no allocation, and only a new one clones its key.
-        let mut key = (u.channel, u.model, u.feature);
+        let mut key = (u.channel, model, feature);
         // The call's names when it is counted in the overflow series.
         let mut own = None;
         if !self.llm.contains_key(&key) && self.llm.len() >= self.config.max_llm_series {
@@ -709,7 +719,10 @@ impl State {
             }
         }
         (key.0, key.1) = histogram_key;
-        let (channel, model, feature) = own.unwrap_or(key);
+        let (channel, model, feature) = match (own.unwrap_or(key), whole) {
+            ((channel, _, _), Some((model, feature))) => (channel, model, feature),
+            (names, None) => names,
+        };
         out.push(Row::LlmUsage {
             id,
             ts: now,

@@ -30,8 +30,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use crate::error::{Error, Result};
 use crate::row::{RestoredBot, Row, UsageIds};
 
-pub(crate) use schema::DbOptions;
 pub use schema::SCHEMA_VERSION;
+pub(crate) use schema::{check_access, DbOptions};
 
 /// Liveness of the writer thread, for `/health`.
 #[derive(Debug, Default)]

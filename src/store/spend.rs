@@ -13,7 +13,7 @@ use std::time::Duration;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
-use super::schema::TS_SECONDS;
+use super::schema::TS_MS;
 use super::usage::{key, number, MAX_GROUPS};
 use crate::pricing::PriceTable;
 
@@ -47,18 +47,22 @@ pub(crate) fn spend_since(
     // The rows are summed here rather than with GROUP BY, for the reason
     // given in `usage::run`; the time index serves the filter.
     let sql = format!(
-        "SELECT channel, model, {TS_SECONDS}, cost_usd, tokens_in, tokens_out, tokens_cached \
-         FROM llm_usage WHERE {TS_SECONDS} >= ?1"
+        "SELECT channel, model, {TS_MS}, cost_usd, tokens_in, tokens_out, tokens_cached \
+         FROM llm_usage WHERE {TS_MS} >= ?1"
     );
     let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query([month_start])?;
+    // Whole milliseconds on both sides: the periods start at whole seconds,
+    // and a row's instant is cut to the millisecond, as `clock::format_time`
+    // cuts the live clock, so a call is read back into the day it was
+    // counted in live.
+    let day_ms = (day_start * 1000.0).round() as i64;
+    let mut rows = stmt.query([(month_start * 1000.0).round() as i64])?;
     let mut spend: HashMap<String, (f64, f64)> = HashMap::new();
     let mut free: HashMap<(String, String), Free> = HashMap::new();
     let mut left_out = 0u64;
     while let Some(r) = rows.next()? {
         let channel = key(r.get_ref(0)?);
-        let ts = number(r.get_ref(2)?);
-        let today = ts >= day_start;
+        let today = matches!(r.get_ref(2)?, ValueRef::Integer(ms) if ms >= day_ms);
         match r.get_ref(3)? {
             ValueRef::Null => {
                 let k = (channel, key(r.get_ref(1)?));
@@ -97,4 +101,84 @@ pub(crate) fn spend_since(
         s.1 += price(f.month);
     }
     Ok((spend, left_out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Budgets, Period, SpendTracker};
+    use crate::row::Row;
+    use crate::store::schema::{self, DbOptions};
+    use crate::store::writer::write_batch;
+
+    fn call(channel: String, ts: f64) -> Row {
+        Row::LlmUsage {
+            id: None,
+            ts,
+            channel,
+            model: "m".into(),
+            feature: "f".into(),
+            tokens_in: 1,
+            tokens_out: 1,
+            latency_ms: None,
+            cost_usd: Some(1.0),
+            cost_source: "reported",
+            pid: None,
+            provider: None,
+            tokens_cached: 0,
+            status: "ok",
+            ttft_ms: None,
+            error_type: None,
+        }
+    }
+
+    /// A call just before or after midnight counts for the same day live
+    /// (the state's tracker, fed the clock) and after a restart (the spend
+    /// read back from the row the writer stored at that clock).
+    #[test]
+    fn calls_around_midnight_count_for_the_same_day_live_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let options = DbOptions { busy_timeout: Duration::from_secs(5), max_pages: None, backup: false };
+        let (mut conn, _) = schema::open(&path, options).unwrap();
+        // 2025-11-25T00:00:00Z: a new day, not a new month.
+        let midnight = 1_764_028_800.0;
+        let budgets = Budgets::parse("[[budget]]\nchannel = \"*\"\ndaily_usd = 1.0\n", &path).unwrap();
+        let mut live = SpendTracker::new(budgets, HashMap::new(), midnight - 1.0, 10_000);
+        // 0.4 ms before midnight, and offsets down to what an f64 clock resolves.
+        let mut offsets = vec![-0.0004, 0.0004, -0.0009996, -0.0000004, 0.0000004, 0.0];
+        offsets.extend((1..200).flat_map(|k| [k as f64 * -1.3e-7, k as f64 * 1.3e-7]));
+        let mut before_midnight = HashMap::new();
+        let mut rows = Vec::new();
+        for (i, off) in offsets.iter().enumerate() {
+            let channel = format!("c{i}");
+            let now = midnight + off;
+            // Live: one tracker, so each channel's call is counted in the day
+            // the tracker was in at `now` (before midnight, none rolled yet).
+            let mut one = live.clone();
+            one.add(&channel, 1.0, now, |_| true);
+            let spend = one.spend(&channel).unwrap();
+            one.roll(midnight, |_| true);
+            let in_old_day = one.spend(&channel).unwrap().day_usd == 0.0 && spend.day_usd == 1.0;
+            before_midnight.insert(channel.clone(), in_old_day);
+            rows.push(call(channel, now));
+        }
+        live.roll(midnight, |_| true);
+        write_batch(&mut conn, &rows).unwrap();
+        let month = Period::Month.start(midnight);
+        let pricing = PriceTable::builtin();
+        // A restart after midnight: the new day holds only the calls the live
+        // tracker counted in it.
+        let (after, _) = spend_since(&path, &pricing, midnight, month, Duration::from_secs(5)).unwrap();
+        // A restart before midnight: the old day holds every call before it.
+        let (before, _) = spend_since(&path, &pricing, midnight - 86_400.0, month, Duration::from_secs(5)).unwrap();
+        for (channel, old_day) in &before_midnight {
+            let (day, month_usd) = after[channel];
+            assert_eq!(month_usd, 1.0, "{channel}");
+            assert_eq!(day == 0.0, *old_day, "{channel}: the day after a restart is the day it was counted in live");
+            assert_eq!(before[channel].0, 1.0, "{channel}");
+        }
+        assert!(before_midnight["c0"], "0.4 ms before midnight is the old day");
+        assert!(!before_midnight["c5"], "midnight itself is the new day");
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
-use super::schema::TS_SECONDS;
+use super::schema::TS_MS;
 use crate::error::Error;
 use crate::pricing::PriceTable;
 
@@ -218,7 +218,7 @@ pub(crate) fn number(v: ValueRef<'_>) -> f64 {
 
 fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
     let col = q.group_by.column();
-    let filter = if q.since.is_some() { format!("WHERE {TS_SECONDS} >= ?1") } else { String::new() };
+    let filter = if q.since.is_some() { format!("WHERE {TS_MS} >= ?1") } else { String::new() };
     // The rows are summed here rather than with GROUP BY: SQLite would sort
     // every row by (group, model) first, which on millions of rows costs
     // several times the scan itself. Rows without a cost are summed apart,
@@ -227,7 +227,10 @@ fn run(conn: &Connection, q: &UsageQuery) -> rusqlite::Result<Vec<UsageGroup>> {
         format!("SELECT {col}, model, tokens_in, tokens_out, cost_usd, tokens_cached, status, cost_source FROM llm_usage {filter}");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = match q.since {
-        Some(since) => stmt.query([since])?,
+        // Whole milliseconds, as the rows are: a `since` read from a time
+        // is a whole number of them (`clock::text_millis`), so a row at
+        // exactly that time is included.
+        Some(since) => stmt.query([(since * 1000.0).round() as i64])?,
         None => stmt.query([])?,
     };
     let mut sums: std::collections::HashMap<(String, String), Sums> = std::collections::HashMap::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{debug, error, info, warn};
 
-use super::schema::{self, DbOptions, TS_SECONDS};
+use super::schema::{self, DbOptions, TS_MS};
 use super::{Retention, WriterMetrics, WriterStatus};
 use crate::clock::{format_time, unix_now};
 use crate::error::{Error, Result};
@@ -340,9 +340,9 @@ fn prune_chunk(conn: &Connection, retention: &Retention, pass: &mut Pass) -> Res
         let cutoff = now - keep.as_secs_f64();
         let n = conn.execute(
             &format!(
-                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {TS_SECONDS} < ?1 LIMIT {RETENTION_CHUNK})"
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {TS_MS} < ?1 LIMIT {RETENTION_CHUNK})"
             ),
-            [cutoff],
+            [(cutoff * 1000.0).floor() as i64],
         )?;
         if n > 0 {
             debug!(table, deleted = n, "retention chunk");
@@ -419,7 +419,8 @@ fn statement<'a, 'c>(
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
+/// Writes a batch of rows in one transaction.
+pub(super) fn write_batch(conn: &mut Connection, batch: &[Row]) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let (mut status_stmt, mut event_stmt, mut usage_stmt, mut metrics_stmt) = (None, None, None, None);

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use kissbot_client::{LlmCall, Message, MonitorClient, MAX_CHANNEL_BYTES};
-use kissbot_exporter::testing::{
-    parse_line, truncate, Event, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS,
-};
+use kissbot_exporter::testing::{parse_line, Event, MAX_COST_USD, MAX_LABEL_BYTES, MAX_LATENCY_MS, MAX_TOKENS};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------
@@ -129,13 +127,14 @@ fn assert_client_agrees_with_parser(channel: &str, pid: Option<u32>, message: &M
         | (Message::Unregister, Event::Unregister { pid: got, .. }) => assert_eq!(Some(got), pid),
         (Message::LlmUsage(call), Event::LlmUsage(u)) => {
             assert_eq!(u.pid, pid);
-            assert_eq!(u.model, truncate(call.model, MAX_LABEL_BYTES));
-            assert_eq!(u.feature, truncate(call.feature, MAX_LABEL_BYTES));
+            // Kept whole: only the labels are cut (by the state).
+            assert_eq!(u.model, call.model);
+            assert_eq!(u.feature, call.feature);
             assert_eq!(u.truncated, call.model.len() > MAX_LABEL_BYTES || call.feature.len() > MAX_LABEL_BYTES);
             assert_eq!((u.tokens_in, u.tokens_out), (call.tokens_in, call.tokens_out));
             assert!(close(u.latency_ms, call.latency_ms), "{:?} vs {:?}", u.latency_ms, call.latency_ms);
             assert!(close(u.reported_cost_usd, call.cost_usd), "{:?} vs {:?}", u.reported_cost_usd, call.cost_usd);
-            let provider = call.provider.filter(|p| !p.is_empty()).map(|p| truncate(p, MAX_LABEL_BYTES).to_owned());
+            let provider = call.provider.filter(|p| !p.is_empty()).map(str::to_owned);
             assert_eq!(u.provider, provider);
             assert_eq!(u.tokens_cached, call.tokens_cached.unwrap_or(0));
             assert!(close(u.ttft_ms, call.ttft_ms), "{:?} vs {:?}", u.ttft_ms, call.ttft_ms);

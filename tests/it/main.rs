@@ -33,5 +33,6 @@ mod pricing;
 mod process;
 mod property;
 mod soak;
+mod store;
 mod systemd;
 mod truth;
