@@ -6,7 +6,7 @@
 //! when a period begins. Like the state machine, which owns it, the
 //! tracker has no clock and no I/O: time is an argument.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
@@ -244,6 +244,11 @@ pub(crate) struct BudgetLine {
 pub(crate) struct SpendTracker {
     budgets: Budgets,
     spend: HashMap<String, Spend>,
+    /// Channels the `*` entry covered while their bot was tracked, and whose
+    /// bot is gone (expired, forgotten, evicted): their spend series stay
+    /// until the month ends, so that a sum over the series never falls when
+    /// a bot goes. Always keys of `spend`, so bounded like it.
+    departed: HashSet<String>,
     /// Entries whose channel has no entry of its own in the file.
     others: usize,
     max_other: usize,
@@ -258,6 +263,7 @@ impl SpendTracker {
         let mut t = SpendTracker {
             budgets,
             spend: HashMap::new(),
+            departed: HashSet::new(),
             others: 0,
             max_other,
             next_day: Period::Day.next_start(now),
@@ -315,6 +321,8 @@ impl SpendTracker {
         if now >= self.next_month {
             let budgets = &self.budgets;
             self.spend.retain(|c, _| budgets.is_explicit(c) || tracked(c));
+            // A new month starts every spend at 0: no series to keep.
+            self.departed.clear();
             for s in self.spend.values_mut() {
                 *s = Spend::default();
             }
@@ -354,9 +362,19 @@ impl SpendTracker {
         &self.budgets
     }
 
+    /// Keeps the spend series of a channel whose bot is no longer tracked
+    /// until the month ends (see `departed`); nothing for a channel that
+    /// spent nothing this month.
+    pub(crate) fn bot_gone(&mut self, channel: &str) {
+        if self.spend.contains_key(channel) {
+            self.departed.insert(channel.to_owned());
+        }
+    }
+
     /// Every channel with a budget: its own entry, or the `*` entry for the
-    /// `bots` (the tracked bots) that have none. Sorted by channel.
-    pub(crate) fn lines<'a>(&self, bots: impl Iterator<Item = &'a str>) -> Vec<BudgetLine> {
+    /// `bots` (the tracked bots) that have none and for the departed ones.
+    /// Sorted by channel.
+    pub(crate) fn lines<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> Vec<BudgetLine> {
         let line = |channel: &str, budget: Budget, explicit: bool| BudgetLine {
             channel: channel.to_owned(),
             budget,
@@ -365,10 +383,28 @@ impl SpendTracker {
         };
         let mut out: Vec<BudgetLine> = self.budgets.explicit.iter().map(|(c, b)| line(c, *b, true)).collect();
         if let Some(w) = self.budgets.wildcard {
-            out.extend(bots.filter(|c| !self.budgets.is_explicit(c)).map(|c| line(c, w, false)));
+            out.extend(self.covered(bots).into_iter().map(|c| line(c, w, false)));
         }
         out.sort_by(|a, b| a.channel.cmp(&b.channel));
         out
+    }
+
+    /// The USD spent today by the `bots` (the tracked bots) and the departed
+    /// channels: the fleet's spend today, which does not fall when a bot
+    /// goes.
+    pub(crate) fn day_total<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> f64 {
+        let mut channels: BTreeSet<&str> = bots.collect();
+        channels.extend(self.departed.iter().map(String::as_str));
+        channels.iter().filter_map(|c| self.spend.get(*c)).map(|s| s.day_usd).sum()
+    }
+
+    /// The channels without an entry of their own among `bots` and the
+    /// departed, each once.
+    fn covered<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> BTreeSet<&'a str> {
+        let mut channels: BTreeSet<&str> = bots.collect();
+        channels.extend(self.departed.iter().map(String::as_str));
+        channels.retain(|c| !self.budgets.is_explicit(c));
+        channels
     }
 }
 

@@ -67,7 +67,8 @@ pub struct Config {
     #[arg(long = "web.listen-address", env = "KISSBOT_EXPORTER_WEB_LISTEN_ADDRESS", default_value = "127.0.0.1:8377", value_delimiter = ',', value_parser = parse_listen_address)]
     pub web_listen_address: Vec<ListenAddress>,
 
-    /// Enable the lifecycle endpoint `POST /-/reload` (re-reads the pricing and budgets files).
+    /// Enable the lifecycle endpoints `POST /-/reload` (re-reads the pricing and budgets files) and
+    /// `POST /api/bots/{channel}/forget` (forgets a dead or stale bot).
     #[arg(long = "web.enable-lifecycle", env = "KISSBOT_EXPORTER_WEB_ENABLE_LIFECYCLE")]
     pub web_enable_lifecycle: bool,
 
@@ -112,7 +113,8 @@ pub struct Config {
     #[arg(long = "heartbeat.stale-after", env = "KISSBOT_EXPORTER_HEARTBEAT_STALE_AFTER", default_value = "90s", value_parser = parse_duration)]
     pub heartbeat_stale_after: Duration,
 
-    /// An offline or dead bot keeps its series this long, then they are removed.
+    /// An offline bot keeps its series this long, then they are removed; dead and stale bots
+    /// keep theirs until they come back, unregister or are forgotten.
     #[arg(long = "bot.expiry", env = "KISSBOT_EXPORTER_BOT_EXPIRY", default_value = "1h", value_parser = parse_duration)]
     pub bot_expiry: Duration,
 
@@ -153,7 +155,8 @@ pub struct Config {
     #[arg(long = "sampler.test-delay", env = "KISSBOT_EXPORTER_SAMPLER_TEST_DELAY", default_value = "0", value_parser = parse_duration, hide = true)]
     pub sampler_test_delay: Duration,
 
-    /// Most bots tracked at once; new channels beyond it are rejected and counted.
+    /// Most bots tracked at once; a new bot evicts the offline, else dead or stale, bot gone
+    /// longest, and is rejected and counted only when every bot is online.
     #[arg(long = "limits.max-bots", env = "KISSBOT_EXPORTER_LIMITS_MAX_BOTS", default_value_t = 10_000)]
     pub limits_max_bots: usize,
 

@@ -309,6 +309,7 @@ async fn start_inner(
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
             length: metrics.label_overflow.with_label_values(&["length"]),
             features: metrics.label_overflow.with_label_values(&["features"]),
+            evicted: metrics.bots_evicted.clone(),
         },
     );
     state.set_usage_ids(usage_ids);

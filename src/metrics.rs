@@ -56,6 +56,9 @@ pub struct Metrics {
     pub(crate) db_up: IntGauge,
     /// Values cut to a cardinality limit, by label.
     pub label_overflow: IntCounterVec,
+    /// Bots evicted to admit a new bot at `--limits.max-bots`, by the
+    /// status they had.
+    pub bots_evicted: IntCounterVec,
     /// Messages whose pid is not the sending process.
     pub(crate) peer_pid_mismatches: IntCounter,
     /// Pricing reloads by outcome (`success`, `failure`).
@@ -145,6 +148,13 @@ impl Metrics {
                 opts("kissbot_exporter_label_overflow_total", "Events whose labels hit a cardinality limit, by label."),
                 &["label"],
             )?,
+            bots_evicted: IntCounterVec::new(
+                opts(
+                    "kissbot_exporter_bots_evicted_total",
+                    "Bots evicted to admit a new bot at --limits.max-bots, by the status they had; an evicted dead or stale bot stops alerting.",
+                ),
+                &["status"],
+            )?,
             peer_pid_mismatches: IntCounter::with_opts(opts(
                 "kissbot_exporter_peer_pid_mismatches_total",
                 "Messages whose pid is not the pid of the process that sent them (possible spoofing).",
@@ -184,6 +194,9 @@ impl Metrics {
         for l in ["channel", "llm_series", "length", "features"] {
             m.label_overflow.with_label_values(&[l]);
         }
+        for s in [Status::Offline, Status::Stale, Status::Dead] {
+            m.bots_evicted.with_label_values(&[s.as_str()]);
+        }
         m.connections_rejected.with_label_values(&["limit"]);
         m.connections_rejected.with_label_values(&["uid"]);
         for o in ["success", "failure"] {
@@ -206,6 +219,7 @@ impl Metrics {
         r.register(Box::new(m.db_write_errors.clone()))?;
         r.register(Box::new(m.db_up.clone()))?;
         r.register(Box::new(m.label_overflow.clone()))?;
+        r.register(Box::new(m.bots_evicted.clone()))?;
         r.register(Box::new(m.peer_pid_mismatches.clone()))?;
         r.register(Box::new(m.config_reloads.clone()))?;
         r.register(Box::new(m.config_last_reload_successful.clone()))?;

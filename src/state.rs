@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use tracing::{info, warn};
 
 use crate::budget::{BudgetLine, Budgets, SpendTracker};
@@ -29,6 +29,15 @@ pub(crate) const PERSIST_INTERVAL: f64 = 5.0;
 
 /// The label value used when a cardinality limit is reached.
 pub(crate) const OVERFLOW_LABEL: &str = "other";
+
+/// The `bot_status.status` of a bot an operator forgot: never restored at
+/// start, so a forgotten bot stays forgotten across restarts.
+pub(crate) const FORGOTTEN: &str = "forgotten";
+
+/// How long the `bot_status` row of a forgotten bot is kept to be written
+/// again should a full queue drop it, in seconds: many ticks, so the drop
+/// is seen however the forget and the tick interleave.
+const FORGOTTEN_REWRITE_WINDOW: f64 = 60.0;
 
 /// The life-cycle state of a bot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -283,9 +292,13 @@ pub(crate) type LlmKey = (String, String, String);
 pub struct StateConfig {
     /// Seconds without heartbeat before a bot is stale.
     pub stale_after: f64,
-    /// Seconds an offline or dead bot keeps its series.
+    /// Seconds an offline (cleanly unregistered) bot keeps its series. Dead
+    /// and stale bots keep theirs until they come back, unregister, are
+    /// forgotten by an operator or evicted for a new bot.
     pub expiry: f64,
-    /// Most bots tracked at once.
+    /// Most bots tracked at once. At the limit a new bot takes the place of
+    /// the offline, else the dead or stale, bot that has been so longest;
+    /// only when every bot is online is it refused.
     pub max_bots: usize,
     /// Most (channel, model, feature) series at once.
     pub max_llm_series: usize,
@@ -297,8 +310,11 @@ pub struct StateConfig {
 /// Counters the state bumps itself when a cardinality limit is hit.
 #[derive(Debug, Clone)]
 pub struct OverflowCounters {
-    /// New bots refused because `max_bots` is reached.
+    /// New bots refused because `max_bots` is reached and every bot is online.
     pub channel: IntCounter,
+    /// Bots evicted to make room for a new bot at `max_bots`, by the status
+    /// they had (`offline`, `stale`, `dead`).
+    pub evicted: IntCounterVec,
     /// LLM calls folded into the `other` series.
     pub llm_series: IntCounter,
     /// Model or feature names cut to the label length limit.
@@ -325,6 +341,27 @@ pub struct State {
     usage_ids: Option<std::sync::Arc<UsageIds>>,
     /// Budgets and spend per bot, with `--budgets.file` only.
     budgets: Option<SpendTracker>,
+    /// False once a search for a bot to evict found none, until a bot
+    /// leaves the online state again: at the bot limit with every bot
+    /// online, a flood of new channels then costs no search per line.
+    evictable: bool,
+    /// The `bot_status` rows of recently forgotten bots, with when they were
+    /// last sent (`None`: queued again, sent at the next tick): the bots are
+    /// gone from `bots`, so this is where [`State::mark_unwritten`] finds a
+    /// dropped one to write again.
+    forgotten: HashMap<String, (Option<f64>, Row)>,
+}
+
+/// What [`State::forget`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forget {
+    /// The bot was forgotten; it had this status.
+    Forgotten(Status),
+    /// No bot of that channel is tracked.
+    Unknown,
+    /// The bot is online: its next heartbeat would register it again, so it
+    /// is not forgotten (it should unregister, or be stopped first).
+    Online,
 }
 
 fn features_json(features: &[(String, bool)]) -> String {
@@ -403,6 +440,8 @@ impl State {
             features_log: RateLimitedLog::new(std::time::Duration::from_secs(10)),
             usage_ids: None,
             budgets: None,
+            evictable: false,
+            forgotten: HashMap::new(),
         }
     }
 
@@ -446,20 +485,36 @@ impl State {
     }
 
     /// Re-creates bots read back from the database at start-up, so their
-    /// series continue. Bots last seen longer ago than the expiry are left in
-    /// the database only. Online bots keep their last heartbeat time and go
-    /// stale at the next tick if they died while the exporter was down.
-    pub(crate) fn restore(&mut self, bots: Vec<RestoredBot>, now: f64) -> usize {
+    /// series continue. A bot that was online, stale or dead is restored
+    /// however long ago it was last seen: it never unregistered, so it may be
+    /// down and must keep paging (an online one goes stale at the next tick
+    /// if it died while the exporter was down). An offline bot is restored
+    /// only within the expiry, as long as its series would have lived; a
+    /// forgotten one never. Beyond `max_bots` the most recently seen win.
+    pub(crate) fn restore(&mut self, mut bots: Vec<RestoredBot>, now: f64) -> usize {
+        let expiry = self.config.expiry;
+        bots.retain(|b| {
+            b.status != FORGOTTEN && (Status::parse(&b.status) != Status::Offline || now - b.last_seen <= expiry)
+        });
+        bots.sort_by(|a, b| b.last_seen.total_cmp(&a.last_seen).then_with(|| a.channel.cmp(&b.channel)));
+        let room = self.config.max_bots.saturating_sub(self.bots.len());
+        if bots.len() > room {
+            warn!(
+                restorable = bots.len(),
+                limit = self.config.max_bots,
+                left_out = bots.len() - room,
+                "more bots to restore than --limits.max-bots; the most recently seen are restored"
+            );
+            bots.truncate(room);
+        }
         let mut restored = 0;
         for b in bots {
-            if now - b.last_seen > self.config.expiry || self.bots.len() >= self.config.max_bots {
-                continue;
-            }
             let mut features = b.features;
             features.truncate(self.config.max_features_per_bot);
             features.shrink_to_fit();
             let mut bot = Bot::new(b.channel, b.pid, features, b.registered_at, b.last_seen);
             bot.status = Status::parse(&b.status);
+            self.evictable |= bot.status != Status::Online;
             // The database already says all this.
             bot.persisted_at = now;
             bot.dirty = false;
@@ -467,6 +522,60 @@ impl State {
             restored += 1;
         }
         restored
+    }
+
+    /// Forgets a bot an operator says is gone for good: its series end (and
+    /// with them its alerts), a `forgotten` event is written, and its
+    /// `bot_status` row says `forgotten` so that no restart restores it.
+    /// History rows stay. An online bot is not forgotten: its next heartbeat
+    /// would bring it straight back. A forgotten bot that sends again is a
+    /// new bot. The rows go out with the next tick (the caller, an HTTP
+    /// handler, holds no queue sender, so that it can never hold up the
+    /// writer's shutdown).
+    pub(crate) fn forget(&mut self, channel: &str, now: f64) -> Forget {
+        match self.bots.get(channel).map(|b| b.status) {
+            None => return Forget::Unknown,
+            Some(Status::Online) => return Forget::Online,
+            Some(_) => {}
+        }
+        let Some(bot) = self.remove_bot(channel) else { return Forget::Unknown };
+        info!(
+            channel = %bot.channel,
+            pid = bot.pid,
+            was = bot.status.as_str(),
+            "bot forgotten by an operator; its series and alerts end"
+        );
+        self.pending.push(bot.event_row(
+            now,
+            "forgotten",
+            Some(format!("was {}; by an operator", bot.status.as_str())),
+        ));
+        let row = Row::BotStatus {
+            channel: bot.channel.clone(),
+            pid: bot.pid,
+            status: FORGOTTEN,
+            features_json: features_json(&bot.features),
+            registered_at: bot.registered_at,
+            last_seen: bot.last_heartbeat,
+        };
+        // Bounded like the bots themselves; at the bound the oldest entry
+        // goes, which at worst lets one restart restore a forgotten bot.
+        if self.forgotten.len() >= self.config.max_bots {
+            let oldest = self
+                .forgotten
+                .iter()
+                .min_by(|a, b| {
+                    let sent = |e: &(Option<f64>, Row)| e.0.unwrap_or(f64::INFINITY);
+                    sent(a.1).total_cmp(&sent(b.1))
+                })
+                .map(|(c, _)| c.clone());
+            if let Some(c) = oldest {
+                self.forgotten.remove(&c);
+            }
+        }
+        self.forgotten.insert(bot.channel.clone(), (None, row.clone()));
+        self.pending.push(row);
+        Forget::Forgotten(bot.status)
     }
 
     /// Applies one event. Database rows it implies are appended to `out`.
@@ -498,16 +607,84 @@ impl State {
         pid: u32,
         features: Vec<(String, bool)>,
         now: f64,
+        out: &mut Vec<Row>,
     ) -> Result<&mut Bot, Rejection> {
-        if self.bots.len() >= self.config.max_bots {
+        if self.bots.len() >= self.config.max_bots && !self.evict_one(now, out) {
             self.overflow.channel.inc();
             return Err(Rejection::new(
                 Reason::TooManyBots,
-                format!("bot limit {} reached; channel not tracked", self.config.max_bots),
+                format!("bot limit {} reached and every bot is online; channel not tracked", self.config.max_bots),
             ));
+        }
+        // A forgotten channel that sends again is a bot again: its own
+        // status rows win over the forgotten one, even one not yet sent.
+        if self.forgotten.remove(&channel).is_some() {
+            self.pending.retain(
+                |r| !matches!(r, Row::BotStatus { channel: c, status, .. } if *c == channel && *status == FORGOTTEN),
+            );
         }
         let bot = Bot::new(channel.clone(), pid, features, now, now);
         Ok(self.bots.entry(channel).or_insert(bot))
+    }
+
+    /// Stops tracking a bot. Its spend series stay until the month ends, so
+    /// that spend sums do not fall; its LLM series expire on their own.
+    fn remove_bot(&mut self, channel: &str) -> Option<Bot> {
+        let bot = self.bots.remove(channel)?;
+        if let Some(b) = self.budgets.as_mut() {
+            b.bot_gone(channel);
+        }
+        Some(bot)
+    }
+
+    /// Makes room for a new bot at the bot limit by evicting the bot that
+    /// has been offline longest, or else the one that has been dead or stale
+    /// longest; false when every bot is online. Dead and stale bots never
+    /// expire, so without this a fleet's crashed bots would fill the limit
+    /// and lock new bots out. The eviction is counted, logged and written to
+    /// `bot_events`; the bot's `bot_status` row keeps its real state.
+    fn evict_one(&mut self, now: f64, out: &mut Vec<Row>) -> bool {
+        if !self.evictable {
+            return false;
+        }
+        // Offline bots first: they page nobody and would expire anyway.
+        let order = |s: Status| u8::from(s != Status::Offline);
+        let victim = self
+            .bots
+            .values()
+            .filter(|b| b.status != Status::Online)
+            .min_by(|a, b| {
+                order(a.status)
+                    .cmp(&order(b.status))
+                    .then(a.status_since.total_cmp(&b.status_since))
+                    .then_with(|| a.channel.cmp(&b.channel))
+            })
+            .map(|b| b.channel.clone());
+        let Some(mut bot) = victim.and_then(|c| self.remove_bot(&c)) else {
+            self.evictable = false;
+            return false;
+        };
+        let status = bot.status.as_str();
+        self.overflow.evicted.with_label_values(&[status]).inc();
+        let seconds = (now - bot.status_since).max(0.0).round();
+        if bot.status == Status::Offline {
+            info!(channel = %bot.channel, pid = bot.pid, status, seconds, "offline bot evicted early for a new bot");
+        } else {
+            warn!(
+                channel = %bot.channel,
+                pid = bot.pid,
+                status,
+                seconds,
+                limit = self.config.max_bots,
+                "bot evicted for a new bot at --limits.max-bots; its series and alerts end"
+            );
+        }
+        if bot.dirty {
+            out.push(bot.status_row(now));
+        }
+        let detail = format!("was {status} for {seconds:.0}s; bot limit {} reached", self.config.max_bots);
+        out.push(bot.event_row(now, "evicted", Some(detail)));
+        true
     }
 
     fn register(
@@ -556,7 +733,7 @@ impl State {
             out.push(bot.status_row(now));
             return Ok(());
         }
-        let bot = self.new_bot(channel, pid, features.unwrap_or_default(), now)?;
+        let bot = self.new_bot(channel, pid, features.unwrap_or_default(), now, out)?;
         bot.saw_peer(peer_pid);
         if implicit {
             bot.heartbeats += 1;
@@ -603,6 +780,10 @@ impl State {
             if let Some(bot) = self.bots.get_mut(&channel) {
                 bot.dirty = true;
                 bot.persisted_at = f64::NEG_INFINITY;
+            } else if let Some((sent, row)) = self.forgotten.get_mut(&channel) {
+                // A forgotten bot has no state to write but that row.
+                *sent = None;
+                self.pending.push(row.clone());
             }
         }
     }
@@ -643,6 +824,7 @@ impl State {
         }
         bot.last_heartbeat = now;
         bot.set_status(Status::Offline, now);
+        self.evictable = true;
         info!(channel = %bot.channel, pid, "bot offline (unregistered)");
         out.push(bot.event_row(now, "unregister", None));
         out.push(bot.status_row(now));
@@ -753,10 +935,13 @@ impl State {
         }
         let stale_after = self.config.stale_after;
         let expiry = self.config.expiry;
+        // Rows queued again by `mark_unwritten` go out with this tick.
+        self.forgotten.retain(|_, (sent, _)| now - *sent.get_or_insert(now) <= FORGOTTEN_REWRITE_WINDOW);
         let mut expired = Vec::new();
         for bot in self.bots.values_mut() {
             if bot.status == Status::Online && now - bot.last_heartbeat > stale_after {
                 bot.set_status(Status::Stale, now);
+                self.evictable = true;
                 warn!(
                     channel = %bot.channel,
                     pid = bot.pid,
@@ -772,23 +957,17 @@ impl State {
             } else if bot.dirty && now - bot.persisted_at >= PERSIST_INTERVAL {
                 out.push(bot.status_row(now));
             }
-            // Offline and dead bots keep their series for the expiry period so
-            // dashboards and alerts see what happened. A stale bot is kept as
-            // long again past its stale point — it may be hung and paging —
-            // but not forever: bots that crash where they cannot be sampled
-            // (other containers) would otherwise pile up to the bot limit and
-            // lock new bots out.
-            let gone = match bot.status {
-                Status::Offline | Status::Dead => now - bot.status_since > expiry,
-                Status::Stale => now - bot.last_heartbeat > stale_after + expiry,
-                Status::Online => false,
-            };
-            if gone {
+            // An offline bot keeps its series for the expiry period so
+            // dashboards see what happened. A dead or stale bot crashed or
+            // hung without unregistering: it keeps its series — and its
+            // alerts keep firing — until it comes back, unregisters, or is
+            // forgotten or evicted (see `forget` and `evict_one`).
+            if bot.status == Status::Offline && now - bot.status_since > expiry {
                 expired.push(bot.channel.clone());
             }
         }
         for channel in &expired {
-            self.bots.remove(channel);
+            self.remove_bot(channel);
             info!(channel = %channel, "bot series expired");
         }
         let bots = &self.bots;
@@ -863,9 +1042,14 @@ impl State {
                     });
                 }
                 bot.set_status(Status::Dead, now);
+                self.evictable = true;
                 warn!(channel = %bot.channel, pid = bot.pid, reason = why, "bot dead: process gone");
                 self.pending.push(bot.event_row(now, "dead", Some(why.to_owned())));
-                self.pending.push(bot.status_row(now));
+                // Written by the next tick from the bot's state then, not
+                // queued now: a register before that tick must not be
+                // overwritten by a `dead` row from before it.
+                bot.dirty = true;
+                bot.persisted_at = f64::NEG_INFINITY;
             }
         }
     }
@@ -900,6 +1084,12 @@ impl State {
             Some(b) => (b.spend(channel).map(|s| s.day_usd), b.budgets().of(channel).and_then(|b| b.daily_usd)),
             None => (None, None),
         }
+    }
+
+    /// What the fleet spent today (UTC): the tracked bots and those gone
+    /// this month; `None` without `--budgets.file`.
+    pub(crate) fn spend_today_total(&self) -> Option<f64> {
+        self.budgets.as_ref().map(|b| b.day_total(self.bots.keys().map(String::as_str)))
     }
 
     /// The bots with a budget and their spend, sorted by channel; empty
@@ -969,6 +1159,7 @@ mod tests {
                 llm_series: IntCounter::new("l", "l").unwrap(),
                 length: IntCounter::new("n", "n").unwrap(),
                 features: IntCounter::new("f", "f").unwrap(),
+                evicted: IntCounterVec::new(prometheus::Opts::new("e", "e"), &["status"]).unwrap(),
             },
         )
     }
@@ -1142,8 +1333,11 @@ mod tests {
         assert_eq!(s.ttft[&(OVERFLOW_LABEL.to_owned(), OVERFLOW_LABEL.to_owned())].count, 2);
         let other = s.llm_series().find(|(k, _)| k.0 == OVERFLOW_LABEL).unwrap().1;
         assert_eq!(other.errors, [2, 0, 0, 0, 0, 0], "error types keep their label in `other`");
-        // Expired series take their histograms with them.
-        s.tick(7200.0, &mut Vec::new());
+        // Expired series take their histograms with them (once their bots
+        // are gone: stale bots never expire, offline ones do).
+        for c in ["x", "y", "z"] {
+            send(&mut s, &format!(r#"{{"type":"unregister","channel":"{c}","pid":9}}"#), 7200.0);
+        }
         s.tick(7200.0 + 3601.0, &mut Vec::new());
         assert_eq!((s.llm_series().count(), s.latency.len(), s.ttft.len()), (0, 0, 0));
     }
@@ -1178,5 +1372,193 @@ mod tests {
         let series: HashMap<_, _> = s.llm_series().map(|(k, v)| (k.1.clone(), v.clone())).collect();
         assert_eq!(series["mystery-9000"].cost_usd, [None, None, Some(1.0)], "no price adds nothing");
         assert_eq!(series["mystery-9000"].unpriced, 2);
+    }
+
+    /// A sampler pass that finds the process of `channel` gone.
+    fn process_gone(s: &mut State, channel: &str, pid: u32, now: f64) {
+        let gone = Sample { channel: channel.into(), pid, result: SampleResult::Gone("process gone") };
+        s.record_samples(vec![gone], now);
+    }
+
+    fn evicted(s: &State, status: &str) -> u64 {
+        s.overflow.evicted.with_label_values(&[status]).get()
+    }
+
+    #[test]
+    fn dead_and_stale_bots_never_expire_offline_ones_do() {
+        let mut s = state();
+        for c in ["off", "hung", "dead"] {
+            send(&mut s, &format!(r#"{{"type":"register","channel":"{c}","pid":1}}"#), 0.0);
+        }
+        let usage = r#"{"type":"llm_usage","channel":"dead","model":"m","feature":"f","tokens_in":1,"tokens_out":1,"latency_ms":5}"#;
+        send(&mut s, usage, 1.0);
+        send(&mut s, r#"{"type":"unregister","channel":"off","pid":1}"#, 10.0);
+        process_gone(&mut s, "dead", 1, 20.0);
+        s.tick(200.0, &mut Vec::new());
+        let status = |s: &State, c: &str| s.bots.get(c).map(|b| b.status);
+        assert_eq!(status(&s, "hung"), Some(Status::Stale));
+        assert_eq!(status(&s, "dead"), Some(Status::Dead));
+        // Ten times the expiry later: only the bot that unregistered is gone.
+        s.tick(10.0 * 3600.0, &mut Vec::new());
+        assert_eq!(status(&s, "off"), None, "offline bots expire");
+        assert_eq!(status(&s, "hung"), Some(Status::Stale), "a hung bot keeps paging");
+        assert_eq!(status(&s, "dead"), Some(Status::Dead), "a crashed bot keeps paging");
+        assert_eq!(s.llm_series().count(), 1, "the dead bot's LLM series stay with it");
+        // The hung bot comes back: online again, and it may expire later.
+        let rows = send(&mut s, r#"{"type":"heartbeat","channel":"hung","pid":1}"#, 10.0 * 3600.0 + 1.0);
+        assert_eq!(events(&rows), ["recovered"]);
+    }
+
+    #[test]
+    fn a_full_registry_evicts_the_bot_gone_longest() {
+        let mut s = state(); // three bots at most
+        for c in ["a", "b", "c"] {
+            send(&mut s, &format!(r#"{{"type":"register","channel":"{c}","pid":1}}"#), 0.0);
+        }
+        // Every bot online: a new one is refused, at no search per line.
+        let mut out = Vec::new();
+        let w = || parse_line(br#"{"type":"register","channel":"w","pid":1}"#).unwrap();
+        assert_eq!(s.apply(w(), 1.0, None, &mut out).unwrap_err().reason, Reason::TooManyBots);
+        assert!(!s.evictable);
+        // a dies first, then b hangs, then c unregisters.
+        process_gone(&mut s, "a", 1, 10.0);
+        s.tick(95.0, &mut out); // a is dead already; b and c have gone silent
+        send(&mut s, r#"{"type":"heartbeat","channel":"c","pid":1}"#, 96.0);
+        send(&mut s, r#"{"type":"unregister","channel":"c","pid":1}"#, 97.0);
+        assert_eq!(s.bots["b"].status, Status::Stale);
+        // The offline bot goes first, though it is the newest departure.
+        let rows = send(&mut s, r#"{"type":"register","channel":"d","pid":1}"#, 100.0);
+        assert_eq!(events(&rows), ["evicted", "register"]);
+        assert!(matches!(&rows[0], Row::BotEvent { channel, .. } if channel == "c"), "{rows:?}");
+        assert_eq!(evicted(&s, "offline"), 1);
+        // Then the bot dead or stale longest: a (dead since 10 s), then b.
+        let rows = send(&mut s, r#"{"type":"register","channel":"e","pid":1}"#, 101.0);
+        assert!(
+            matches!(&rows[0], Row::BotEvent { channel, event: "evicted", detail: Some(d), .. }
+            if channel == "a" && d.starts_with("was dead for 91s")),
+            "{rows:?}"
+        );
+        assert_eq!(evicted(&s, "dead"), 1);
+        send(&mut s, r#"{"type":"register","channel":"f","pid":1}"#, 102.0);
+        assert_eq!(evicted(&s, "stale"), 1);
+        assert!(!s.bots.contains_key("b"));
+        // No row says an evicted bot is anything but what it was.
+        assert!(!rows.iter().any(|r| matches!(r, Row::BotStatus { channel, .. } if channel == "a")));
+        // All online again: refused, and counted as before.
+        assert_eq!(s.apply(w(), 103.0, None, &mut out).unwrap_err().reason, Reason::TooManyBots);
+        assert_eq!(s.overflow.channel.get(), 2);
+        assert_eq!(s.bot_count(), 3);
+    }
+
+    #[test]
+    fn an_operator_forgets_a_dead_bot() {
+        let mut s = state();
+        send(&mut s, r#"{"type":"register","channel":"up","pid":1}"#, 0.0);
+        send(&mut s, r#"{"type":"register","channel":"dead","pid":2}"#, 0.0);
+        process_gone(&mut s, "dead", 2, 5.0);
+        let mut out = Vec::new();
+        s.tick(6.0, &mut out);
+        out.clear();
+        assert_eq!(s.forget("nobody", 7.0), Forget::Unknown);
+        assert_eq!(s.forget("up", 7.0), Forget::Online);
+        assert_eq!(s.forget("dead", 7.0), Forget::Forgotten(Status::Dead));
+        assert_eq!(s.bot_count(), 1);
+        // The rows go out with the next tick.
+        s.tick(8.0, &mut out);
+        assert_eq!(events(&out), ["forgotten"]);
+        assert!(
+            matches!(out.as_slice(), [_, Row::BotStatus { channel, status: FORGOTTEN, pid: 2, .. }] if channel == "dead"),
+            "{out:?}"
+        );
+        // A full queue dropped the status row: it is written again.
+        s.mark_unwritten(vec!["dead".to_owned()]);
+        out.clear();
+        s.tick(9.0, &mut out);
+        assert!(matches!(out.as_slice(), [Row::BotStatus { status: FORGOTTEN, .. }]), "{out:?}");
+        // Long after, nothing is kept for it any more.
+        s.tick(9.0 + FORGOTTEN_REWRITE_WINDOW + 1.0, &mut out);
+        assert!(s.forgotten.is_empty());
+        // A forgotten bot that sends again is a new bot, and a forgotten
+        // row not yet sent never overwrites it.
+        process_gone(&mut s, "up", 1, 100.0);
+        assert_eq!(s.forget("up", 101.0), Forget::Forgotten(Status::Dead));
+        let rows = send(&mut s, r#"{"type":"register","channel":"up","pid":3}"#, 102.0);
+        assert_eq!(events(&rows), ["register"]);
+        out.clear();
+        s.tick(103.0, &mut out);
+        assert_eq!(events(&out), ["dead", "forgotten"]);
+        assert!(!out.iter().any(|r| matches!(r, Row::BotStatus { .. })), "{out:?}");
+        assert!(s.forgotten.is_empty());
+    }
+
+    #[test]
+    fn restore_keeps_bots_that_never_unregistered_however_old() {
+        let now = 1_000_000.0;
+        let bot = |channel: &str, status: &str, last_seen: f64| RestoredBot {
+            channel: channel.into(),
+            pid: 7,
+            status: status.into(),
+            features: Vec::new(),
+            registered_at: last_seen,
+            last_seen,
+        };
+        let day = 86_400.0;
+        let rows = vec![
+            bot("dead", "dead", now - 30.0 * day),
+            bot("hung", "stale", now - 2.0 * day),
+            bot("was-online", "online", now - day),
+            bot("left", "offline", now - 2.0 * 3600.0),
+            bot("left-recently", "offline", now - 60.0),
+            bot("forgotten", FORGOTTEN, now - 10.0),
+        ];
+        let mut s = state();
+        s.config.max_bots = 10;
+        assert_eq!(s.restore(rows.clone(), now), 4);
+        let mut kept: Vec<_> = s.bots.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["dead", "hung", "left-recently", "was-online"]);
+        assert!(s.evictable);
+        // The online one died while the exporter was down: it goes stale.
+        let mut out = Vec::new();
+        s.tick(now + 1.0, &mut out);
+        assert_eq!(s.bots["was-online"].status, Status::Stale);
+        // Beyond the limit the most recently seen win.
+        let mut s = state(); // three bots at most
+        assert_eq!(s.restore(rows, now), 3);
+        assert!(!s.bots.contains_key("dead"), "the oldest is left out");
+    }
+
+    #[test]
+    fn spend_series_and_totals_outlive_the_bots() {
+        let mut s = state();
+        let budgets =
+            Budgets::parse("[[budget]]\nchannel = \"*\"\ndaily_usd = 10.0\n", std::path::Path::new("b")).unwrap();
+        let noon = 1_796_083_200.0 + 12.0 * 3600.0;
+        s.set_spend_tracker(SpendTracker::new(budgets, HashMap::new(), noon, 10));
+        for (c, cost) in [("a", 1.0), ("b", 2.0)] {
+            send(&mut s, &format!(r#"{{"type":"register","channel":"{c}","pid":1}}"#), noon);
+            let usage = format!(
+                r#"{{"type":"llm_usage","channel":"{c}","model":"m","feature":"f","tokens_in":1,"tokens_out":1,"cost_usd":{cost}}}"#
+            );
+            send(&mut s, &usage, noon);
+        }
+        send(&mut s, r#"{"type":"unregister","channel":"a","pid":1}"#, noon + 1.0);
+        let channels =
+            |s: &State| s.budget_lines().into_iter().map(|l| (l.channel, l.spend.day_usd)).collect::<Vec<_>>();
+        assert_eq!(channels(&s), [("a".to_owned(), 1.0), ("b".to_owned(), 2.0)]);
+        assert_eq!(s.spend_today_total(), Some(3.0));
+        // a expires, b is forgotten: their spend stays in the series and the
+        // total until the period ends.
+        s.tick(noon + 3602.0, &mut Vec::new());
+        process_gone(&mut s, "b", 1, noon + 3603.0);
+        assert_eq!(s.forget("b", noon + 3604.0), Forget::Forgotten(Status::Dead));
+        assert_eq!(s.bot_count(), 0);
+        assert_eq!(channels(&s), [("a".to_owned(), 1.0), ("b".to_owned(), 2.0)]);
+        assert_eq!(s.spend_today_total(), Some(3.0));
+        // A new day: the same series, at 0; a new month: gone.
+        s.tick(noon + 86_400.0, &mut Vec::new());
+        assert_eq!(channels(&s), [("a".to_owned(), 0.0), ("b".to_owned(), 0.0)]);
+        s.tick(noon + 40.0 * 86_400.0, &mut Vec::new());
+        assert!(channels(&s).is_empty());
     }
 }

@@ -29,8 +29,18 @@ pub(super) struct BotView {
     pub(crate) budget_today: Option<f64>,
 }
 
+/// The bots as the page and `/api/bots` show them, and the fleet's spend.
+pub(super) struct FleetView {
+    /// The tracked bots, sorted by channel.
+    pub(super) bots: Vec<BotView>,
+    /// USD the fleet spent today (UTC), bots no longer tracked included, so
+    /// that the total does not fall when a bot's series expire; `None`
+    /// without `--budgets.file`.
+    pub(super) spend_today: Option<f64>,
+}
+
 /// A snapshot of the bots, sorted by channel, taken under the lock.
-pub(super) fn bot_views(state: &Mutex<State>) -> Vec<BotView> {
+pub(super) fn bot_views(state: &Mutex<State>) -> FleetView {
     let state = state.lock().unwrap_or_else(|e| e.into_inner());
     let mut bots: Vec<BotView> = state
         .bots()
@@ -39,9 +49,10 @@ pub(super) fn bot_views(state: &Mutex<State>) -> Vec<BotView> {
             BotView { bot: b.clone(), spend_today, budget_today }
         })
         .collect();
+    let spend_today = state.spend_today_total();
     drop(state);
     bots.sort_by(|a, b| a.bot.channel.cmp(&b.bot.channel));
-    bots
+    FleetView { bots, spend_today }
 }
 
 /// Where a state sorts on the page: the ones that need someone first.
@@ -116,13 +127,10 @@ struct Totals {
     rss_bytes: u64,
 }
 
-fn totals(bots: &[BotView]) -> Totals {
-    let mut t = Totals { by_status: [0; 4], spend: None, budget: None, cpu_percent: 0.0, rss_bytes: 0 };
-    for v in bots {
+fn totals(fleet: &FleetView) -> Totals {
+    let mut t = Totals { by_status: [0; 4], spend: fleet.spend_today, budget: None, cpu_percent: 0.0, rss_bytes: 0 };
+    for v in &fleet.bots {
         t.by_status[usize::from(rank(v.bot.status))] += 1;
-        if let Some(s) = v.spend_today {
-            *t.spend.get_or_insert(0.0) += s;
-        }
         if let Some(b) = v.budget_today {
             *t.budget.get_or_insert(0.0) += b;
         }
@@ -193,9 +201,9 @@ Array.prototype.forEach.call(tbody.rows,function(r){var hide=q!==""&&r.dataset.c
 document.getElementById("empty").hidden=shown>0||tbody.rows.length===0;}
 function render(data){var bots=data.bots.slice();
 bots.sort(function(a,b){return(RANK[a.status]-RANK[b.status])||(a.channel<b.channel?-1:a.channel>b.channel?1:0);});
-var n={dead:0,stale:0,online:0,offline:0},spend=null,budget=null,cpu=0,mem=0;
+var n={dead:0,stale:0,online:0,offline:0},spend=data.spend_today_usd_total,budget=null,cpu=0,mem=0;
 var rows=bots.map(function(b){n[b.status]++;var p=b.process,alive=p&&p.alive;
-if(b.spend_today_usd!==null)spend=(spend||0)+b.spend_today_usd;if(b.budget_today_usd!==null)budget=(budget||0)+b.budget_today_usd;
+if(b.budget_today_usd!==null)budget=(budget||0)+b.budget_today_usd;
 if(alive){cpu+=p.cpu_percent;mem+=p.rss_bytes;}
 var tr=document.createElement("tr");tr.className=b.status;tr.dataset.channel=b.channel;
 cell(tr,b.channel,"name");var st=document.createElement("span");st.className="badge "+b.status;st.textContent=b.status;cell(tr,"").appendChild(st);
@@ -229,9 +237,12 @@ pub(super) fn landing_page(
     filter: &str,
 ) -> String {
     let now = unix_now();
-    let mut bots = bot_views(state);
-    bots.sort_by(|a, b| rank(a.bot.status).cmp(&rank(b.bot.status)).then_with(|| a.bot.channel.cmp(&b.bot.channel)));
-    let t = totals(&bots);
+    let mut fleet = bot_views(state);
+    fleet
+        .bots
+        .sort_by(|a, b| rank(a.bot.status).cmp(&rank(b.bot.status)).then_with(|| a.bot.channel.cmp(&b.bot.channel)));
+    let t = totals(&fleet);
+    let bots = fleet.bots;
     let mut html = String::with_capacity(8192 + bots.len() * 512);
     let count = |s: Status| t.by_status[usize::from(rank(s))];
     let _ = write!(

@@ -1,5 +1,6 @@
 //! What each path answers: `/metrics`, `/`, `/health*`, `/api/bots`,
-//! `/api/usage`, `/api/budgets` and `/-/reload`.
+//! `POST /api/bots/{channel}/forget`, `/api/usage`, `/api/budgets` and
+//! `/-/reload`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use super::App;
 use crate::budget::{BudgetLine, Period, WILDCARD};
 use crate::clock::{format_time, parse_time, unix_now};
 use crate::metrics::Format;
-use crate::state::State;
+use crate::state::{Forget, State};
 use crate::store::usage::{self, UsageError, UsageGroup, UsageQuery};
 
 /// The writer is considered stuck when its loop has not turned this long.
@@ -46,6 +47,9 @@ pub(super) async fn dispatch(app: &App, req: Request<Incoming>) -> Response<Full
     let path = req.uri().path();
     if path == "/-/reload" {
         return reload(app, &req).await;
+    }
+    if let Some(channel) = path.strip_prefix("/api/bots/").and_then(|p| p.strip_suffix("/forget")) {
+        return forget(app, &req, channel);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -211,6 +215,58 @@ async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// `POST /api/bots/{channel}/forget` (the channel percent-encoded): an
+/// operator says a dead or stale bot is gone for good, so its series and
+/// alerts end (see `State::forget`). Guarded like `/-/reload`: POST only,
+/// only with `--web.enable-lifecycle`, and behind the web configuration's
+/// authentication like every endpoint.
+fn forget(app: &App, req: &Request<Incoming>, encoded: &str) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !app.enable_lifecycle {
+        return text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n");
+    }
+    let Some(channel) = percent_decode(encoded).filter(|c| !c.is_empty()) else {
+        return bad_request("the channel must be non-empty, percent-encoded UTF-8");
+    };
+    let outcome = app.state.lock().unwrap_or_else(|e| e.into_inner()).forget(&channel, unix_now());
+    match outcome {
+        Forget::Forgotten(was) => {
+            json_response(StatusCode::OK, &json!({ "channel": channel, "forgotten": true, "was": was.as_str() }))
+        }
+        Forget::Unknown => {
+            json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no bot {channel:?} is tracked") }))
+        }
+        Forget::Online => json_response(
+            StatusCode::CONFLICT,
+            &json!({ "error": format!("bot {channel:?} is online; its next heartbeat would bring it back, so stop it or let it unregister") }),
+        ),
+    }
+}
+
+/// Decodes `%XX` escapes of a path segment (a `+` stays a `+`, unlike in a
+/// query string); `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            // Two hex digits always make a byte.
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Sets a flag when dropped: hyper drops a request's future when its client
 /// goes away, and the query thread sees the flag and stops.
 struct CancelOnDrop(Arc<AtomicBool>);
@@ -373,7 +429,9 @@ fn budgets_json(lines: &[BudgetLine], now: f64) -> serde_json::Value {
 
 fn bots_json(state: &Mutex<State>) -> serde_json::Value {
     let now = unix_now();
-    let bots: Vec<_> = bot_views(state)
+    let fleet = bot_views(state);
+    let bots: Vec<_> = fleet
+        .bots
         .into_iter()
         .map(|v| {
             let b = &v.bot;
@@ -406,12 +464,12 @@ fn bots_json(state: &Mutex<State>) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "bots": bots })
+    json!({ "bots": bots, "spend_today_usd_total": fleet.spend_today })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{accepts_gzip, negotiate};
+    use super::{accepts_gzip, negotiate, percent_decode};
     use crate::metrics::Format;
 
     #[test]
@@ -426,6 +484,18 @@ mod tests {
         assert_eq!(negotiate(Some("*/*")), Format::Text);
         assert_eq!(negotiate(Some("")), Format::Text);
         assert_eq!(negotiate(None), Format::Text);
+    }
+
+    #[test]
+    fn decodes_path_segments() {
+        assert_eq!(percent_decode("el_serda").as_deref(), Some("el_serda"));
+        assert_eq!(percent_decode("a%2Fb%20c+d").as_deref(), Some("a/b c+d"));
+        assert_eq!(percent_decode("%C3%A9t%C3%A9").as_deref(), Some("été"));
+        assert_eq!(percent_decode("%"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%+1"), None, "a sign is not a digit");
+        assert_eq!(percent_decode("%FF"), None, "not UTF-8");
     }
 
     #[test]

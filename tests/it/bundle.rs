@@ -134,6 +134,7 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_sampler_duration_seconds",
     "kissbot_exporter_sampler_last_success_timestamp_seconds",
     "kissbot_exporter_label_overflow_total",
+    "kissbot_exporter_bots_evicted_total",
     "kissbot_exporter_peer_pid_mismatches_total",
     "kissbot_exporter_config_reloads_total",
     "kissbot_exporter_config_last_reload_successful",

@@ -20,6 +20,7 @@ fn render() -> String {
             llm_series: overflow("llm_series"),
             length: overflow("length"),
             features: overflow("features"),
+            evicted: metrics.bots_evicted.clone(),
         },
     );
     let mut rows = Vec::new();

@@ -93,11 +93,13 @@ fn legacy_monitor_file_is_migrated_and_keeps_rows() {
     let before_usage = dump(&c, "SELECT * FROM llm_usage");
     drop(c);
 
-    // The restored bot is visible at once; the long-gone one is not revived.
+    // The restored bot is visible at once. The long-gone one never
+    // unregistered, so it is restored as it was, stale, and pages until it
+    // comes back or an operator forgets it.
     let mut e = Exporter::start_in(tmp.path(), KEEP);
     assert_eq!(e.metric(r#"kissbot_bot_up{channel="el_serda"}"#), Some(1.0));
     assert_eq!(e.metric(r#"kissbot_bot_feature_enabled{channel="el_serda",feature="llm"}"#), Some(1.0));
-    assert_eq!(e.metric(r#"kissbot_bot_up{channel="gone_long_ago"}"#), None);
+    assert_eq!(e.metric(r#"kissbot_bot_status{channel="gone_long_ago",status="stale"}"#), Some(1.0));
     e.send(LLM_USAGE);
     e.wait_metric(r#"kissbot_exporter_messages_total{type="llm_usage"}"#, 1.0);
     assert!(e.terminate().success());

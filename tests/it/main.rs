@@ -18,6 +18,7 @@ mod daemon;
 mod db_fault;
 mod docs;
 mod exemplars;
+mod expiry_e2e;
 mod fleet_e2e;
 mod fuzz_corpus;
 mod genai;

@@ -152,11 +152,9 @@ impl Model {
                         Model::set(b, "stale", now);
                     }
                 }
-                self.bots.retain(|_, b| match b.status {
-                    "offline" => now - b.since <= EXPIRY,
-                    "stale" => now - b.last <= STALE + EXPIRY,
-                    _ => true,
-                });
+                // Only a bot that unregistered expires: a stale one may be
+                // hung, and keeps its series (and alerts) until it is back.
+                self.bots.retain(|_, b| b.status != "offline" || now - b.since <= EXPIRY);
                 let bots = &self.bots;
                 self.llm.retain(|(c, _), v| bots.contains_key(c) || now - v.2 <= EXPIRY);
             }
@@ -206,6 +204,7 @@ fn real() -> (Arc<Mutex<State>>, Metrics) {
             llm_series: metrics.label_overflow.with_label_values(&["llm_series"]),
             length: metrics.label_overflow.with_label_values(&["length"]),
             features: metrics.label_overflow.with_label_values(&["features"]),
+            evicted: metrics.bots_evicted.clone(),
         },
     );
     let state = Arc::new(Mutex::new(state));
@@ -288,8 +287,9 @@ proptest! {
             let pid = model.bots.get(&format!("c{c}")).map(|b| b.pid).unwrap_or(1);
             let _ = state.lock().unwrap().apply(Event::Unregister { channel: format!("c{c}"), pid }, now, None, &mut rows);
         }
-        // Offline bots expire after EXPIRY, stale ones after STALE + EXPIRY.
-        state.lock().unwrap().tick(now + STALE + EXPIRY + 1.0, &mut rows);
+        // Offline bots expire after EXPIRY (the unregister made every bot
+        // offline, stale ones included).
+        state.lock().unwrap().tick(now + EXPIRY + 1.0, &mut rows);
         let text = render(&state, &metrics);
         prop_assert_eq!(series(&text).len(), baseline, "series left behind:\n{}", text);
         prop_assert!(text.contains("kissbot_exporter_bots 0"));
