@@ -40,9 +40,15 @@ pub struct Config {
     #[arg(long = "socket.verify-pid", env = "KISSBOT_EXPORTER_SOCKET_VERIFY_PID", value_enum, default_value_t = VerifyPid::Warn)]
     pub socket_verify_pid: VerifyPid,
 
-    /// Most socket connections served at once; further ones are closed and counted.
+    /// Most socket connections served at once; at the limit, a new connection evicts the one that
+    /// has gone longest without completing a line, so a bot always gets through.
     #[arg(long = "socket.max-connections", env = "KISSBOT_EXPORTER_SOCKET_MAX_CONNECTIONS", default_value_t = 8192)]
     pub socket_max_connections: usize,
+
+    /// A line must be complete this long after its first byte arrived, or the connection is closed
+    /// (a sender trickling bytes must not hold a connection slot).
+    #[arg(long = "socket.line-timeout", env = "KISSBOT_EXPORTER_SOCKET_LINE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub socket_line_timeout: Duration,
 
     /// A connection that sends nothing for this long is closed.
     #[arg(long = "socket.idle-timeout", env = "KISSBOT_EXPORTER_SOCKET_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]

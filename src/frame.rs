@@ -98,6 +98,12 @@ impl Framer {
         self.scan(data.len())
     }
 
+    /// True while part of a line has arrived and its newline has not: the
+    /// bytes of an unfinished line, or the rest of an over-long one.
+    pub(crate) fn mid_line(&self) -> bool {
+        self.discarding || self.buf.len() > self.consumed
+    }
+
     /// At end of stream: the last line if it had no newline (and was not
     /// being skipped). A sender that dies mid-line leaves a fragment here,
     /// which then fails to parse and is counted.

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +43,8 @@ pub(crate) struct IngestConfig {
     pub(crate) max_line_bytes: usize,
     /// Close a connection after this long without data.
     pub(crate) idle_timeout: Duration,
+    /// Close a connection whose unfinished line is this old.
+    pub(crate) line_timeout: Duration,
     /// Most connections served at once.
     pub(crate) max_connections: usize,
     /// Peer uids allowed to send; empty allows all.
@@ -264,7 +265,7 @@ pub(crate) async fn serve(
     listening: Arc<AtomicBool>,
 ) {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(ingest.config.max_connections.max(1)));
+    let permits = Arc::new(Slots::new(ingest.config.max_connections));
     let limit_log = RateLimitedLog::new(Duration::from_secs(10));
     listening.store(true, Ordering::SeqCst);
     info!(path = %guard.path().display(), "socket listening");
@@ -297,7 +298,7 @@ pub(crate) async fn serve(
 fn admit(
     stream: UnixStream,
     ingest: &Arc<Ingest>,
-    permits: &Arc<Semaphore>,
+    permits: &Arc<Slots>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
     limit_log: &RateLimitedLog,
@@ -313,34 +314,49 @@ fn admit(
     // The kernel's word on who is sending. It reports 0 for a peer in a pid
     // namespace the exporter cannot see: that is no answer at all.
     let peer_pid = cred.and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
-    let Ok(permit) = permits.clone().try_acquire_owned() else {
-        ingest.metrics.connections_rejected.with_label_values(&["limit"]).inc();
+    let (slot, evicted) = permits.admit();
+    if evicted {
+        ingest.metrics.connections_evicted.with_label_values(&["limit"]).inc();
         if let Some(suppressed) = limit_log.allow() {
             warn!(
                 limit = ingest.config.max_connections,
-                suppressed, "connection limit reached; closing new connections"
+                suppressed,
+                "connection limit reached; closed the connection that went longest without completing a line"
             );
         }
-        return;
-    };
+    }
     ingest.metrics.connections.inc();
     ingest.metrics.connections_active.inc();
     let ingest = ingest.clone();
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
-        handle(stream, &ingest, shutdown, peer_pid).await;
+        handle(stream, &ingest, shutdown, peer_pid, &slot).await;
         ingest.metrics.connections_active.dec();
-        drop(permit);
+        slot.release();
     });
 }
 
 /// Reads one connection until EOF, idle timeout, error, or the end of the
 /// shutdown grace period.
-async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationToken, peer_pid: Option<u32>) {
+async fn handle(
+    mut stream: UnixStream,
+    ingest: &Ingest,
+    shutdown: CancellationToken,
+    peer_pid: Option<u32>,
+    slot: &Slot,
+) {
     let max = ingest.config.max_line_bytes;
     let mut framer = Framer::new(max);
     let mut deadline: Option<Instant> = None;
+    // When the first byte of the line not yet finished arrived.
+    let mut line_started: Option<Instant> = None;
     loop {
+        // A line must finish within the line timeout of its first byte,
+        // however slowly its bytes trickle in; otherwise the idle timeout.
+        let wait_until = match line_started {
+            Some(t) => (t + ingest.config.line_timeout).min(Instant::now() + ingest.config.idle_timeout),
+            None => Instant::now() + ingest.config.idle_timeout,
+        };
         let buf = framer.buffer();
         let read = match deadline {
             Some(d) => tokio::time::timeout_at(d, stream.read_buf(buf)).await,
@@ -350,7 +366,11 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
                     deadline = Some(Instant::now() + DRAIN_GRACE);
                     continue;
                 }
-                r = tokio::time::timeout(ingest.config.idle_timeout, stream.read_buf(buf)) => r,
+                _ = slot.evicted.cancelled() => {
+                    debug!("connection evicted to make room for a new one");
+                    break;
+                }
+                r = tokio::time::timeout_at(wait_until, stream.read_buf(buf)) => r,
             },
         };
         let n = match read {
@@ -360,7 +380,19 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
                 break;
             }
             Err(_) => {
-                debug!(grace = deadline.is_some(), "connection closed after timeout");
+                if deadline.is_none() && line_started.is_some() {
+                    ingest.metrics.connections_evicted.with_label_values(&["line_timeout"]).inc();
+                    if let Some(suppressed) = ingest.bad_input_log.allow() {
+                        warn!(
+                            reason = "line_timeout",
+                            timeout = ?ingest.config.line_timeout,
+                            suppressed,
+                            "closed a connection whose line did not finish in time"
+                        );
+                    }
+                } else {
+                    debug!(grace = deadline.is_some(), "connection closed after timeout");
+                }
                 break;
             }
         };
@@ -371,6 +403,9 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
             return;
         }
         let frames = framer.scan(n);
+        if !frames.lines.is_empty() {
+            slot.completed_line();
+        }
         ingest.handle_lines(frames.lines.iter().copied(), peer_pid);
         for _ in 0..frames.too_long {
             ingest.reject(&Rejection::new(
@@ -378,5 +413,122 @@ async fn handle(mut stream: UnixStream, ingest: &Ingest, shutdown: CancellationT
                 format!("line longer than {max} bytes; skipped up to the next newline"),
             ));
         }
+        line_started = match (framer.mid_line(), line_started) {
+            (false, _) => None,
+            // A line that finished in this read and another that began in
+            // it: the new line's clock starts now.
+            (true, Some(_)) if slot.just_completed() => Some(Instant::now()),
+            (true, Some(t)) => Some(t),
+            (true, None) => Some(Instant::now()),
+        };
+    }
+}
+
+/// The connection slots: at most `max` connections are served at once, and
+/// at the limit a new connection takes the slot of the connection that has
+/// gone longest without completing a line. Bots connect and write their line
+/// at once (or keep a connection and write every 30 s), so they always rank
+/// above a sender that trickles bytes or sits idle after connecting; a flood
+/// of such senders can therefore never lock bots out.
+pub(crate) struct Slots {
+    max: usize,
+    start: Instant,
+    next_id: std::sync::atomic::AtomicU64,
+    open: Mutex<std::collections::HashMap<u64, Arc<SlotState>>>,
+}
+
+/// What the registry knows of one connection.
+pub(crate) struct SlotState {
+    /// Fired to close the connection.
+    evicted: CancellationToken,
+    /// Milliseconds since [`Slots::start`] of the last completed line, or of
+    /// the connection's arrival if it has completed none (as a negative
+    /// rank, see [`SlotState::rank`]).
+    last_line_ms: std::sync::atomic::AtomicI64,
+    /// Set by [`Slot::completed_line`], taken by [`Slot::just_completed`].
+    fresh_line: AtomicBool,
+}
+
+impl SlotState {
+    /// Lower ranks are evicted first: connections that never completed a
+    /// line (oldest first) rank below every connection that did (least
+    /// recent line first).
+    fn rank(&self) -> i64 {
+        self.last_line_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's hold on its slot.
+pub(crate) struct Slot {
+    id: u64,
+    slots: Arc<Slots>,
+    state: Arc<SlotState>,
+    /// Fires when the registry takes this slot for a newer connection.
+    pub(crate) evicted: CancellationToken,
+}
+
+impl Slots {
+    /// Room for `max` connections (at least one).
+    pub(crate) fn new(max: usize) -> Slots {
+        Slots {
+            max: max.max(1),
+            start: Instant::now(),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            open: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// A slot for a new connection, and whether another connection had to
+    /// be evicted for it. The scan for the victim runs only at the limit.
+    pub(crate) fn admit(self: &Arc<Self>) -> (Slot, bool) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Never-completed connections rank by arrival, below every completed
+        // line: arrival time minus a bias larger than any uptime in ms.
+        let state = Arc::new(SlotState {
+            evicted: CancellationToken::new(),
+            last_line_ms: std::sync::atomic::AtomicI64::new(self.now_ms() - NEVER_COMPLETED_BIAS),
+            fresh_line: AtomicBool::new(false),
+        });
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = false;
+        if open.len() >= self.max {
+            if let Some((&victim, _)) = open.iter().min_by_key(|(_, s)| s.rank()) {
+                if let Some(v) = open.remove(&victim) {
+                    v.evicted.cancel();
+                    evicted = true;
+                }
+            }
+        }
+        open.insert(id, state.clone());
+        drop(open);
+        let slot = Slot { id, slots: self.clone(), evicted: state.evicted.clone(), state };
+        (slot, evicted)
+    }
+}
+
+/// Subtracted from the arrival time of a connection that has not completed a
+/// line yet, so that it ranks below every connection that has (about 31,700
+/// years of milliseconds).
+const NEVER_COMPLETED_BIAS: i64 = 1 << 50;
+
+impl Slot {
+    /// Records that the connection completed at least one line just now.
+    fn completed_line(&self) {
+        self.state.last_line_ms.store(self.slots.now_ms(), Ordering::Relaxed);
+        self.state.fresh_line.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a line completed since the last call.
+    fn just_completed(&self) -> bool {
+        self.state.fresh_line.swap(false, Ordering::Relaxed)
+    }
+
+    /// Gives the slot back (a no-op if it was already taken by eviction).
+    fn release(&self) {
+        self.slots.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
     }
 }

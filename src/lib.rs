@@ -330,6 +330,7 @@ async fn start_inner(
         config: IngestConfig {
             max_line_bytes: config.socket_max_line_bytes,
             idle_timeout: config.socket_idle_timeout,
+            line_timeout: config.socket_line_timeout,
             max_connections: config.socket_max_connections,
             allowed_uids: config.socket_allowed_uids.clone(),
             verify_pid: config.socket_verify_pid,

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub(crate) connections_active: IntGauge,
     /// Socket connections refused, by reason.
     pub(crate) connections_rejected: IntCounterVec,
+    /// Socket connections closed to free their slot, by reason.
+    pub(crate) connections_evicted: IntCounterVec,
     /// Rows waiting for the writer.
     pub(crate) queue_depth: IntGauge,
     /// Capacity of the writer queue.
@@ -104,6 +106,13 @@ impl Metrics {
             ))?,
             connections_rejected: IntCounterVec::new(
                 opts("kissbot_exporter_connections_rejected_total", "Socket connections refused, by reason."),
+                &["reason"],
+            )?,
+            connections_evicted: IntCounterVec::new(
+                opts(
+                    "kissbot_exporter_connections_evicted_total",
+                    "Socket connections closed to free their slot: a line not completed within --socket.line-timeout, or the slot taken by a new connection at --socket.max-connections.",
+                ),
                 &["reason"],
             )?,
             queue_depth: IntGauge::with_opts(opts(
@@ -197,7 +206,9 @@ impl Metrics {
         for s in [Status::Offline, Status::Stale, Status::Dead] {
             m.bots_evicted.with_label_values(&[s.as_str()]);
         }
-        m.connections_rejected.with_label_values(&["limit"]);
+        for r in ["line_timeout", "limit"] {
+            m.connections_evicted.with_label_values(&[r]);
+        }
         m.connections_rejected.with_label_values(&["uid"]);
         for o in ["success", "failure"] {
             m.config_reloads.with_label_values(&[o]);
@@ -210,6 +221,7 @@ impl Metrics {
         r.register(Box::new(m.connections.clone()))?;
         r.register(Box::new(m.connections_active.clone()))?;
         r.register(Box::new(m.connections_rejected.clone()))?;
+        r.register(Box::new(m.connections_evicted.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
         r.register(Box::new(m.events_dropped.clone()))?;

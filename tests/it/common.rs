@@ -189,6 +189,20 @@ impl Exporter {
     }
 
     /// Waits until `series` has exactly `value`.
+    /// Polls until `series` is at least `value`.
+    pub fn wait_metric_at_least(&self, series: &str, value: f64) {
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            last = self.metric(series);
+            if last.is_some_and(|v| v >= value) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{series} never reached {value}; last value {last:?}\n{}", self.scrape());
+    }
+
     pub fn wait_metric(&self, series: &str, value: f64) {
         let mut last = None;
         let deadline = Instant::now() + Duration::from_secs(15);
