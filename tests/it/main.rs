@@ -31,6 +31,7 @@ mod listen;
 mod pricing;
 mod process;
 mod property;
+mod reload;
 mod soak;
 mod systemd;
 mod truth;
