@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 
+use crate::regular_file;
+
 /// The channel of the entry that applies to every bot without its own.
 pub(crate) const WILDCARD: &str = "*";
 
@@ -150,10 +152,11 @@ pub(crate) struct Budgets {
 }
 
 impl Budgets {
-    /// Reads and checks a budgets file.
+    /// Reads and checks a budgets file: a regular file (or a symlink to
+    /// one) of at most [`regular_file::MAX_BYTES`].
     pub(crate) fn load(path: &Path) -> Result<Budgets, BudgetError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| BudgetError::Read { path: path.to_owned(), source })?;
+            regular_file::read_to_string(path).map_err(|source| BudgetError::Read { path: path.to_owned(), source })?;
         Budgets::parse(&text, path)
     }
 

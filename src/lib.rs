@@ -9,6 +9,7 @@
 //! - `clock`: Unix time and the ISO-8601 strings of the database (bottom of the graph).
 //! - `row`: the database rows, shared by the state machine and the store.
 //! - `ratelimit`: rate-limited log lines for bad input.
+//! - `regular_file`: reading the pricing and budgets files: regular files only, never blocking, bounded.
 //! - `reload`: re-reading the pricing and budgets files on SIGHUP and `POST /-/reload`, one reload at a time.
 //! - `notify`: systemd readiness, stopping and watchdog notifications.
 //! - `own_thread`: work awaited from the runtime on a named thread of its own.
@@ -57,6 +58,7 @@ mod notify;
 mod own_thread;
 mod pricing;
 mod ratelimit;
+mod regular_file;
 mod reload;
 mod row;
 mod sampler;

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::regular_file;
+
 /// The embedded table.
 pub(crate) const BUILTIN_TOML: &str = include_str!("prices.toml");
 
@@ -234,10 +236,11 @@ impl PriceTable {
         })
     }
 
-    /// Loads a pricing file on top of the embedded table.
+    /// Loads a pricing file on top of the embedded table: a regular file
+    /// (or a symlink to one) of at most [`regular_file::MAX_BYTES`].
     pub(crate) fn load(path: &Path) -> Result<PriceTable, PricingError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
+        let text = regular_file::read_to_string(path)
+            .map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
         PriceTable::parse(&text, path, Some(PriceTable::builtin()))
     }
 
