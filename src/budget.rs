@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 
+use crate::regular_file;
+
 /// The channel of the entry that applies to every bot without its own.
 pub(crate) const WILDCARD: &str = "*";
 
@@ -104,6 +106,17 @@ pub(crate) enum BudgetError {
         /// What is wrong, with line and column.
         message: String,
     },
+    /// The file sets nothing: empty, or only whitespace and comments. It is
+    /// far more likely a truncated write than a wish for no budgets, which
+    /// `budget = []` says.
+    #[error(
+        "budgets file {path} is empty (or holds only comments); \
+         write `budget = []` in it to run with no budgets on purpose"
+    )]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
     /// An entry is inconsistent.
     #[error("invalid budgets file {path}: budget {index}: {message}")]
     Entry {
@@ -127,8 +140,8 @@ struct FileEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BudgetsFile {
-    #[serde(default)]
-    budget: Vec<FileEntry>,
+    /// None when the file does not mention `budget` at all: an empty file.
+    budget: Option<Vec<FileEntry>>,
 }
 
 /// The budgets in force: one entry per named channel, and the `*` entry.
@@ -139,25 +152,28 @@ pub(crate) struct Budgets {
 }
 
 impl Budgets {
-    /// Reads and checks a budgets file.
+    /// Reads and checks a budgets file: a regular file (or a symlink to
+    /// one) of at most [`regular_file::MAX_BYTES`].
     pub(crate) fn load(path: &Path) -> Result<Budgets, BudgetError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| BudgetError::Read { path: path.to_owned(), source })?;
+            regular_file::read_to_string(path).map_err(|source| BudgetError::Read { path: path.to_owned(), source })?;
         Budgets::parse(&text, path)
     }
 
-    /// Parses a budgets file; `path` is only for the messages.
+    /// Parses a budgets file; `path` is only for the messages. A file that
+    /// sets nothing is refused; `budget = []` means no budgets.
     pub(crate) fn parse(text: &str, path: &Path) -> Result<Budgets, BudgetError> {
         let file: BudgetsFile =
             toml::from_str(text).map_err(|e| BudgetError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        if file.budget.len() > MAX_ENTRIES {
+        let entries = file.budget.ok_or_else(|| BudgetError::Empty { path: path.to_owned() })?;
+        if entries.len() > MAX_ENTRIES {
             return Err(BudgetError::Parse {
                 path: path.to_owned(),
-                message: format!("{} budgets, more than the limit of {MAX_ENTRIES}", file.budget.len()),
+                message: format!("{} budgets, more than the limit of {MAX_ENTRIES}", entries.len()),
             });
         }
         let mut budgets = Budgets::default();
-        for (i, e) in file.budget.into_iter().enumerate() {
+        for (i, e) in entries.into_iter().enumerate() {
             let err = |message: String| BudgetError::Entry { path: path.to_owned(), index: i + 1, message };
             let channel = e.channel.trim().to_owned();
             if channel.is_empty() {
@@ -437,7 +453,11 @@ mod tests {
         assert_eq!(b.of("a"), Some(Budget { daily_usd: Some(5.0), monthly_usd: Some(100.0) }));
         assert_eq!(b.of("z"), Some(Budget { daily_usd: None, monthly_usd: Some(10.0) }));
         assert_eq!(b.len(), 2);
-        assert_eq!(file("").unwrap().len(), 0);
+        for empty in ["", " \n\t", "# budgets\n\n# none yet\n"] {
+            assert!(matches!(file(empty), Err(BudgetError::Empty { .. })), "{empty:?}");
+        }
+        assert!(file("").unwrap_err().to_string().contains("write `budget = []`"));
+        assert_eq!(file("budget = []").unwrap().len(), 0, "no budgets on purpose");
         let bad = |t: &str| file(t).unwrap_err().to_string();
         assert!(bad("[[budget]]\nchannel = \"a\"\n").contains("needs daily_usd"));
         assert!(bad("[[budget]]\nchannel = \"a\"\ndaily_usd = -1.0\n").contains("must be above 0"));

@@ -9,7 +9,8 @@
 //! - `clock`: Unix time and the ISO-8601 strings of the database (bottom of the graph).
 //! - `row`: the database rows, shared by the state machine and the store.
 //! - `ratelimit`: rate-limited log lines for bad input.
-//! - `reload`: re-reading the pricing file on SIGHUP and `POST /-/reload`.
+//! - `regular_file`: reading the pricing and budgets files: regular files only, never blocking, bounded.
+//! - `reload`: re-reading the pricing and budgets files on SIGHUP and `POST /-/reload`, one reload at a time.
 //! - `notify`: systemd readiness, stopping and watchdog notifications.
 //! - `own_thread`: work awaited from the runtime on a named thread of its own.
 //! - `lockfile`: the lock files that keep two exporters off one socket or database.
@@ -59,6 +60,7 @@ mod notify;
 mod own_thread;
 mod pricing;
 mod ratelimit;
+mod regular_file;
 mod reload;
 mod row;
 mod sampler;
@@ -349,10 +351,12 @@ async fn start_inner(
         },
         stop_rx,
     )?;
-    let reloader = Arc::new(
-        Reloader::new(config.pricing_file.clone(), state.clone(), metrics.clone())
-            .with_budgets(config.budgets_file.clone()),
-    );
+    let reloader = Arc::new(Reloader::new(
+        config.pricing_file.clone(),
+        config.budgets_file.clone(),
+        state.clone(),
+        metrics.clone(),
+    ));
     let _ = reloader_slot.set(reloader.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Arc::new(http::App {

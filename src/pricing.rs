@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::regular_file;
+
 /// The embedded table.
 pub(crate) const BUILTIN_TOML: &str = include_str!("prices.toml");
 
@@ -112,6 +114,17 @@ pub enum PricingError {
         /// What is wrong, with line and column.
         message: String,
     },
+    /// The file sets nothing: empty, or only whitespace and comments. It is
+    /// far more likely a truncated write than a wish for the embedded
+    /// table alone, which `model = []` says.
+    #[error(
+        "pricing file {path} is empty (or holds only comments); \
+         write `model = []` in it to use the embedded table alone on purpose"
+    )]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
     /// An entry is inconsistent.
     #[error("invalid pricing file {path}: entry {index}: {message}")]
     Entry {
@@ -146,11 +159,11 @@ struct FileDefault {
     source: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum UnknownModels {
-    /// Use the `[default]` price (the file's, else the embedded one).
-    #[default]
+    /// Use the `[default]` price (the file's, else the embedded one); what
+    /// a file without `unknown_models` gets.
     Default,
     /// Leave models that match nothing unpriced.
     Unpriced,
@@ -161,12 +174,18 @@ enum UnknownModels {
 struct PricingFile {
     /// Consult the embedded table after this file's entries (default true).
     builtin: Option<bool>,
-    /// What to do with models no entry matches.
-    #[serde(default)]
-    unknown_models: UnknownModels,
-    #[serde(default)]
-    model: Vec<FileEntry>,
+    /// What to do with models no entry matches (default: the default price).
+    unknown_models: Option<UnknownModels>,
+    /// None when the file does not mention `model` at all.
+    model: Option<Vec<FileEntry>>,
     default: Option<FileDefault>,
+}
+
+impl PricingFile {
+    /// Whether the file sets no key at all: empty, or only comments.
+    fn is_empty(&self) -> bool {
+        self.builtin.is_none() && self.unknown_models.is_none() && self.model.is_none() && self.default.is_none()
+    }
 }
 
 /// How a table entry names its models.
@@ -217,10 +236,11 @@ impl PriceTable {
         })
     }
 
-    /// Loads a pricing file on top of the embedded table.
+    /// Loads a pricing file on top of the embedded table: a regular file
+    /// (or a symlink to one) of at most [`regular_file::MAX_BYTES`].
     pub(crate) fn load(path: &Path) -> Result<PriceTable, PricingError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
+        let text = regular_file::read_to_string(path)
+            .map_err(|source| PricingError::Read { path: path.to_owned(), source })?;
         PriceTable::parse(&text, path, Some(PriceTable::builtin()))
     }
 
@@ -233,12 +253,16 @@ impl PriceTable {
     }
 
     /// Parses a table; `base` is consulted after it when the file allows.
+    /// A file that sets no key at all is refused; `model = []` is enough.
     pub(crate) fn parse(text: &str, path: &Path, base: Option<PriceTable>) -> Result<PriceTable, PricingError> {
         let file: PricingFile =
             toml::from_str(text).map_err(|e| PricingError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        if file.is_empty() {
+            return Err(PricingError::Empty { path: path.to_owned() });
+        }
         let mut exact = Vec::new();
         let mut globs = Vec::new();
-        for (i, e) in file.model.into_iter().enumerate() {
+        for (i, e) in file.model.unwrap_or_default().into_iter().enumerate() {
             let err = |message: String| PricingError::Entry { path: path.to_owned(), index: i + 1, message };
             let price = check_price(e.input, e.output, e.cached_input).map_err(err)?;
             match (e.name, e.pattern) {
@@ -274,7 +298,7 @@ impl PriceTable {
             entries.extend(base.entries);
             default = default.or(base.default);
         }
-        if file.unknown_models == UnknownModels::Unpriced {
+        if file.unknown_models == Some(UnknownModels::Unpriced) {
             default = None;
         }
         Ok(PriceTable { entries, default })
@@ -421,6 +445,13 @@ mod tests {
         assert!(bad("[[model]]\nname = \"x\"\npattern = \"y\"\ninput = 1.0\noutput = 1.0").contains("exactly one of"));
         assert!(bad("[[model]]\nnmae = \"x\"\ninput = 1.0\noutput = 1.0").contains("unknown field"));
         assert!(bad("this is not toml").starts_with("invalid pricing file p.toml"));
+        for empty in ["", "\n \t\n", "# prices\n# none yet\n"] {
+            assert!(bad(empty).contains("is empty"), "{empty:?}");
+        }
+        assert!(bad("").contains("write `model = []`"));
+        // Any key says the file means it, `model = []` the least.
+        let accepted = |text: &str| PriceTable::parse(text, Path::new("p.toml"), Some(PriceTable::builtin())).is_ok();
+        assert!(accepted("model = []") && accepted("builtin = true") && accepted("unknown_models = \"default\""));
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod logging;
 mod pricing;
 mod process;
 mod property;
+mod reload;
 mod soak;
 mod store;
 mod systemd;
