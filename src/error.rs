@@ -94,6 +94,15 @@ pub enum Error {
         /// with SQLite's.
         cause: String,
     },
+    /// Another exporter holds the file itself, reached under another name
+    /// (a hard link, or a symlink its lock file was not named after).
+    #[error("{what} {path} is in use by another running exporter that opened the same file under another name (a hard link or symlink)")]
+    InUseElsewhere {
+        /// What is contested: `database`.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
     /// Another process holds a lock this exporter needs.
     #[error("{what} {path} is in use by another running exporter (its lock file {lock} is held)")]
     InUse {

@@ -257,8 +257,11 @@ async fn start_inner(
     store::check_access(&config.db_path)?;
     // One database, one exporter: a second one on the same file would fight
     // over bot_status.
-    let db_lock = match LockFile::acquire("database", &config.db_path)? {
-        Acquired::Held(lock) => Some(lock),
+    let mut db_lock = match LockFile::acquire("database", &config.db_path)? {
+        Acquired::Held(mut lock) => {
+            lock.lock_target("database", &config.db_path)?;
+            Some(lock)
+        }
         Acquired::Unreadable(e) => {
             lockfile::warn_unreadable("database", &config.db_path, &e);
             None
@@ -296,6 +299,10 @@ async fn start_inner(
         own_thread::spawn("kissbot-open", move || store::start(store_config, writer_metrics, ws, ids))?
             .await
             .ok_or(Error::WriterGone)??;
+    // A file created just now exists only from here on.
+    if let Some(lock) = db_lock.as_mut() {
+        lock.lock_target("database", &config.db_path)?;
+    }
 
     let mut state = State::new(
         StateConfig {

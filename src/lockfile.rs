@@ -8,6 +8,15 @@
 //! all (`0644`). A lock file that this user cannot even read (one created
 //! `0600` by an older version run as root) is skipped with a warning when
 //! nothing else shows that an exporter is running.
+//!
+//! A file has many names: a symlink, a symlinked directory, a hard link. The
+//! lock file is named after the canonical path (symlinks resolved), and the
+//! database file itself is also `flock`ed once it exists, which the kernel
+//! ties to the inode, so a second exporter is refused whatever name it was
+//! given. SQLite locks with `fcntl`, which on Linux is independent of
+//! `flock`: the bots' usage logger is not affected. Closing a descriptor of
+//! the database would drop the process's `fcntl` locks, so the locked
+//! descriptor is kept open until the writer has closed its connection.
 
 use std::fs::File;
 use std::io;
@@ -24,6 +33,24 @@ use crate::error::{Error, Result};
 pub(crate) struct LockFile {
     path: PathBuf,
     file: File,
+    /// The guarded file itself, `flock`ed by inode, once it exists.
+    target: Option<File>,
+}
+
+/// `path` with every symlink resolved: of the file when it exists, else of
+/// its directory. As given when neither resolves (the error then comes from
+/// whatever opens it next, with its real cause).
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            std::fs::canonicalize(dir).map(|d| d.join(name)).unwrap_or_else(|_| path.to_owned())
+        }
+        _ => path.to_owned(),
+    }
 }
 
 /// The lock file that guards `path`.
@@ -46,7 +73,7 @@ impl LockFile {
     /// Takes the lock that guards `path` (`what` names it in errors: `socket`
     /// or `database`). Fails at once if another process holds it.
     pub(crate) fn acquire(what: &'static str, path: &Path) -> Result<Acquired> {
-        let lock = lock_path(path);
+        let lock = lock_path(&canonical(path));
         let err = |source| Error::Lock { what, path: path.to_owned(), lock: lock.clone(), source };
         // A few rounds at most: each retry means another process removed or
         // replaced the file between our open and our lock.
@@ -81,11 +108,44 @@ impl LockFile {
             // and our lock; a lock on an unlinked file guards nothing.
             let ours = file.metadata().map_err(err)?.ino();
             match std::fs::metadata(&lock) {
-                Ok(m) if m.ino() == ours => return Ok(Acquired::Held(LockFile { path: lock, file })),
+                Ok(m) if m.ino() == ours => return Ok(Acquired::Held(LockFile { path: lock, file, target: None })),
                 _ => continue,
             }
         }
         Err(err(io::Error::other("the lock file kept being replaced")))
+    }
+}
+
+impl LockFile {
+    /// Also locks the file `path` itself, by inode, if it exists and is not
+    /// locked yet: another exporter that reached it under another name (a
+    /// hard link) holds it, or will find it held. A file that does not exist
+    /// yet has no other name; call again once it has been created.
+    pub(crate) fn lock_target(&mut self, what: &'static str, path: &Path) -> Result<()> {
+        if self.target.is_some() {
+            return Ok(());
+        }
+        // Non-blocking, so a FIFO in the database's place cannot hang the
+        // start; read-only, so nothing is changed.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::Lock { what, path: path.to_owned(), lock: path.to_owned(), source: e }),
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::InUseElsewhere { what, path: path.to_owned() });
+            }
+            return Err(Error::Lock { what, path: path.to_owned(), lock: path.to_owned(), source: e });
+        }
+        self.target = Some(file);
+        Ok(())
     }
 }
 

@@ -706,6 +706,32 @@ fn a_second_exporter_on_the_same_database_is_refused() {
     e.wait_metric(r#"kissbot_bot_up{channel="el_serda"}"#, 1.0);
 }
 
+// 13b. The same database under another name (a symlink, a symlinked
+// directory, a hard link) is the same database.
+#[test]
+fn a_second_exporter_on_the_same_database_under_another_name_is_refused() {
+    let e = Exporter::start(&[]);
+    e.send(REGISTER);
+    e.wait_metric(r#"kissbot_bot_up{channel="el_serda"}"#, 1.0);
+    let names = tempfile::tempdir().unwrap();
+    let symlink = names.path().join("symlink.db");
+    std::os::unix::fs::symlink(&e.db, &symlink).unwrap();
+    let dir_link = names.path().join("dirlink");
+    std::os::unix::fs::symlink(e.db.parent().unwrap(), &dir_link).unwrap();
+    let via_dir = dir_link.join(e.db.file_name().unwrap());
+    let hard = e.db.parent().unwrap().join("hardlink.db");
+    std::fs::hard_link(&e.db, &hard).unwrap();
+    for name in [&symlink, &via_dir, &hard] {
+        let other = tempfile::tempdir().unwrap();
+        let (mut child, log) = spawn(other.path(), &[&format!("--db.path={}", name.display())]);
+        assert!(!exits_with(&mut child, Duration::from_secs(10)).success(), "{} was accepted", name.display());
+        assert!(log_has(&log, "in use by another running exporter"), "{}", log.lock().unwrap().join("\n"));
+        assert!(!other.path().join("monitor.sock").exists(), "the refused exporter left its socket");
+    }
+    e.send(HEARTBEAT);
+    assert_eq!(e.get("/-/ready").0, 200);
+}
+
 // 14. Legacy rows without a stored cost are priced from the table.
 #[test]
 fn legacy_rows_without_cost_are_estimated_from_the_price_table() {
