@@ -222,7 +222,8 @@ impl LogLevel {
             }
             if let Some(t) = target {
                 let valid = !t.is_empty()
-                    && t.split("::").all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                    && t.split("::")
+                        .all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
                 if !valid {
                     return Err(format!("{t:?} is not a module path; {expected}"));
                 }

@@ -198,7 +198,8 @@ function cell(tr,text,cls){var td=document.createElement("td");td.textContent=te
 var filter=document.getElementById("filter"),tbody=document.getElementById("bots");
 function applyFilter(){var q=filter.value.trim().toLowerCase(),shown=0;
 Array.prototype.forEach.call(tbody.rows,function(r){var hide=q!==""&&r.dataset.channel.toLowerCase().indexOf(q)<0;r.hidden=hide;if(!hide)shown++;});
-document.getElementById("empty").hidden=shown>0||tbody.rows.length===0;}
+document.getElementById("empty").hidden=shown>0||tbody.rows.length===0;
+document.getElementById("none").hidden=tbody.rows.length>0;}
 function render(data){var bots=data.bots.slice();
 bots.sort(function(a,b){return(RANK[a.status]-RANK[b.status])||(a.channel<b.channel?-1:a.channel>b.channel?1:0);});
 var n={dead:0,stale:0,online:0,offline:0},spend=data.spend_today_usd_total,budget=null,cpu=0,mem=0;
@@ -318,10 +319,18 @@ pub(super) fn landing_page(
     let _ = write!(
         html,
         "</tbody></table>\n<p id=\"empty\"{empty_hidden}>No bot matches the filter.</p>\n\
+         <div id=\"none\"{none_hidden}><p><strong>No bot has reported yet.</strong> Bots write to the socket \
+         <code>{socket}</code> (the legacy monitor's default path needs no change in the bots). \
+         To see one appear here now, send a heartbeat by hand:</p>\
+         <pre>kissbot-exporter send heartbeat --socket.path {socket} --channel hello --pid $$</pre>\
+         <p>Then point Prometheus at <a href=\"{path}\">{path}</a> and load the bundled alert rules and \
+         Grafana dashboards (see the README).</p></div>\n\
          <p class=\"muted\">kissbot-exporter {version} · socket <code>{socket}</code> · \
          worst state first: dead, stale, online, offline.</p>\n\
          <script>{script}</script>\n</body></html>\n",
         empty_hidden = if shown > 0 || bots.is_empty() { " hidden" } else { "" },
+        none_hidden = if bots.is_empty() { "" } else { " hidden" },
+        path = html_escape(telemetry_path),
         version = env!("CARGO_PKG_VERSION"),
         socket = html_escape(&socket_path.display().to_string()),
         script = SCRIPT.replace("REFRESH_MS", &REFRESH_MS.to_string()),

@@ -222,3 +222,23 @@ fn the_landing_page_shows_the_worst_first_and_updates_itself() {
     stop.store(true, Ordering::Relaxed);
     heartbeats.join().unwrap();
 }
+
+/// A fresh install shows what to do next instead of an empty table; the
+/// advice goes once a bot has reported.
+#[test]
+fn with_no_bots_the_page_says_what_to_do_next() {
+    let e = Exporter::start(&[]);
+    let (status, _, body) = e.get("/");
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200);
+    let none = body.split("<div id=\"none\"").nth(1).expect("the no-bots advice").split("</div>").next().unwrap();
+    assert!(!none.starts_with(" hidden"), "{none}");
+    assert!(none.contains("No bot has reported yet"), "{none}");
+    assert!(none.contains(&format!("send heartbeat --socket.path {}", e.socket.display())), "{none}");
+    assert!(none.contains("href=\"/metrics\""), "{none}");
+    e.send(HEARTBEAT);
+    e.wait_metric(r#"kissbot_bot_up{channel="el_serda"}"#, 1.0);
+    let (_, _, body) = e.get("/");
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("<div id=\"none\" hidden>"), "the advice stays once a bot reported");
+}

@@ -19,7 +19,9 @@ fn a_log_level_typo_is_refused_not_silently_disabling_logs() {
         assert!(!out.status.success(), "{bad:?} accepted");
         assert!(stderr.contains("--log.level"), "{bad:?}: {stderr}");
     }
-    for good in ["debug", "info", "warn", "error", "WARN", "info,kissbot_exporter=debug", "kissbot_exporter::ingest=trace"] {
+    for good in
+        ["debug", "info", "warn", "error", "WARN", "info,kissbot_exporter=debug", "kissbot_exporter::ingest=trace"]
+    {
         let out = Command::new(binary())
             .args(["--check-config", &format!("--log.level={good}")])
             .env_remove("KISSBOT_EXPORTER_LOG_LEVEL")
