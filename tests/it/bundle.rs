@@ -122,6 +122,7 @@ const EXPORTED_METRICS: &[&str] = &[
     "kissbot_exporter_connections_total",
     "kissbot_exporter_connections_active",
     "kissbot_exporter_connections_rejected_total",
+    "kissbot_exporter_connections_evicted_total",
     "kissbot_exporter_queue_depth",
     "kissbot_exporter_queue_capacity",
     "kissbot_exporter_events_dropped_total",

@@ -29,10 +29,11 @@ fn listens_on_every_address_form_and_answers_like_prometheus() {
         let metrics = kissbot_testkit::http::get(addr.as_str(), "/metrics", Duration::from_secs(5)).unwrap();
         assert!(metrics.text().contains("kissbot_exporter_build_info"));
     }
-    // logfmt: key=value pairs with the level and the message as fields.
+    // logfmt with Prometheus's own keys (promslog): time, level, source, msg.
     let lines = log.lock().unwrap().clone();
     let line = lines.iter().find(|l| l.contains("http server listening")).unwrap();
-    assert!(line.contains("level=info") && line.contains("message=\"http server listening\""), "{line}");
+    assert!(line.starts_with("time=") && line.contains(" level=INFO source="), "{line}");
+    assert!(line.contains(" msg=\"http server listening\""), "{line}");
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
