@@ -24,8 +24,20 @@ pub(crate) fn read_to_string(path: &Path) -> io::Result<String> {
     read_bounded(path, MAX_BYTES)
 }
 
+/// Reads a regular file of at most [`MAX_BYTES`] as bytes (certificates and
+/// keys), refusing anything else as [`read_to_string`] does.
+pub(crate) fn read(path: &Path) -> io::Result<Vec<u8>> {
+    read_bytes(path, MAX_BYTES)
+}
+
 /// [`read_to_string`] with the bound as an argument, for the tests.
 fn read_bounded(path: &Path, max: u64) -> io::Result<String> {
+    let bytes = read_bytes(path, max)?;
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}")))
+}
+
+/// [`read`] with the bound as an argument.
+fn read_bytes(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
     // writer, forever. It changes nothing for a regular file.
     let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
@@ -48,7 +60,7 @@ fn read_bounded(path: &Path, max: u64) -> io::Result<String> {
             format!("larger than {max} bytes ({} MiB), the most this file may hold", max / (1024 * 1024)),
         ));
     }
-    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}")))
+    Ok(bytes)
 }
 
 /// What a file that is not regular is, for the message.

@@ -198,14 +198,23 @@ fn busy(what: &str) -> Response<Full<Bytes>> {
     r
 }
 
-async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The answer to a lifecycle request (`/-/reload`, forgetting a bot) that
+/// must not run: not a POST, or the lifecycle API is off.
+fn lifecycle_guard(app: &App, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     if req.method() != Method::POST {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
-        return r;
+        return Some(r);
     }
     if !app.enable_lifecycle {
-        return text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n");
+        return Some(text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n"));
+    }
+    None
+}
+
+async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = lifecycle_guard(app, req) {
+        return refused;
     }
     // In turn with every other reload, so that a 200 is never undone by a
     // reload that read the files earlier.
@@ -221,13 +230,8 @@ async fn reload(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// only with `--web.enable-lifecycle`, and behind the web configuration's
 /// authentication like every endpoint.
 fn forget(app: &App, req: &Request<Incoming>, encoded: &str) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
-        r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
-        return r;
-    }
-    if !app.enable_lifecycle {
-        return text(StatusCode::FORBIDDEN, "lifecycle API is not enabled (start with --web.enable-lifecycle)\n");
+    if let Some(refused) = lifecycle_guard(app, req) {
+        return refused;
     }
     let Some(channel) = percent_decode(encoded).filter(|c| !c.is_empty()) else {
         return bad_request("the channel must be non-empty, percent-encoded UTF-8");

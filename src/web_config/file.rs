@@ -71,7 +71,7 @@ impl WebConfig {
     /// keys, bcrypt hashes, and that the certificate, key and client CA
     /// files load. An empty file is valid and changes nothing.
     pub(crate) fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WebConfigError::Read {
+        let text = crate::regular_file::read_to_string(path).map_err(|source| WebConfigError::Read {
             path: path.to_owned(),
             what: "the file",
             file: path.to_owned(),

@@ -85,7 +85,7 @@ pub(crate) fn resolve(base: &Path, p: &str) -> PathBuf {
 
 /// Reads a file named in the configuration, naming both in the error.
 pub(crate) fn read(path: &Path, what: &'static str, file: &Path) -> Result<Vec<u8>, WebConfigError> {
-    std::fs::read(file).map_err(|source| WebConfigError::Read {
+    crate::regular_file::read(file).map_err(|source| WebConfigError::Read {
         path: path.to_owned(),
         what,
         file: file.to_owned(),

@@ -466,3 +466,44 @@ fn plain_http_defaults_still_work() {
     let (status, _, _) = http_request(e.addr, "GET", "/metrics", &[]);
     assert_eq!(status, 200);
 }
+
+/// A FIFO named as the web configuration, or as its certificate, is refused
+/// at once instead of hanging the start (and `--check-config`) forever.
+#[test]
+fn a_web_config_or_certificate_that_is_a_fifo_is_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("web.yml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let key = dir.path().join("cert.pem");
+    let c = std::ffi::CString::new(key.to_str().unwrap()).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let tls = dir.path().join("tls.yml");
+    std::fs::write(&tls, "tls_server_config:\n  cert_file: cert.pem\n  key_file: cert.pem\n").unwrap();
+    for config in [&fifo, &tls] {
+        let mut child = std::process::Command::new(crate::common::binary())
+            .arg("--check-config")
+            .arg(format!("--web.config.file={}", config.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("--check-config with {} hung", config.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(!status.success(), "{}", config.display());
+        assert!(err.contains("not a regular file"), "{}: {err}", config.display());
+    }
+}
