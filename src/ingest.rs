@@ -7,6 +7,7 @@
 //! database: rows go to the writer through [`Sink::send`], which never blocks.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -314,7 +315,14 @@ fn admit(
     // The kernel's word on who is sending. It reports 0 for a peer in a pid
     // namespace the exporter cannot see: that is no answer at all.
     let peer_pid = cred.and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
-    let (slot, evicted) = permits.admit();
+    // Whatever the connection has sent already is read now, before a slot
+    // is chosen: a bot writes its whole line right after connecting, so
+    // this tells it from a flood of connections that have sent no line,
+    // which could otherwise evict it before its task first runs.
+    let mut framer = Framer::new(ingest.config.max_line_bytes);
+    let early = read_waiting(&stream, &mut framer);
+    let has_line = early > 0 && memchr::memchr(b'\n', framer.buffer()).is_some();
+    let (slot, evicted) = permits.admit(has_line);
     if evicted {
         ingest.metrics.connections_evicted.with_label_values(&["limit"]).inc();
         if let Some(suppressed) = limit_log.allow() {
@@ -330,7 +338,7 @@ fn admit(
     let ingest = ingest.clone();
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
-        handle(stream, &ingest, shutdown, peer_pid, &slot).await;
+        handle(stream, &ingest, shutdown, peer_pid, &slot, framer, early).await;
         ingest.metrics.connections_active.dec();
         slot.release();
     });
@@ -344,56 +352,62 @@ async fn handle(
     shutdown: CancellationToken,
     peer_pid: Option<u32>,
     slot: &Slot,
+    mut framer: Framer,
+    mut early: usize,
 ) {
     let max = ingest.config.max_line_bytes;
-    let mut framer = Framer::new(max);
     let mut deadline: Option<Instant> = None;
     // When the first byte of the line not yet finished arrived.
     let mut line_started: Option<Instant> = None;
     loop {
-        // A line must finish within the line timeout of its first byte,
-        // however slowly its bytes trickle in; otherwise the idle timeout.
-        let wait_until = match line_started {
-            Some(t) => (t + ingest.config.line_timeout).min(Instant::now() + ingest.config.idle_timeout),
-            None => Instant::now() + ingest.config.idle_timeout,
-        };
-        let buf = framer.buffer();
-        let read = match deadline {
-            Some(d) => tokio::time::timeout_at(d, stream.read_buf(buf)).await,
-            None => tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    deadline = Some(Instant::now() + DRAIN_GRACE);
-                    continue;
-                }
-                _ = slot.evicted.cancelled() => {
-                    debug!("connection evicted to make room for a new one");
+        let n = if early > 0 {
+            // What the accept loop already read for this connection.
+            std::mem::take(&mut early)
+        } else {
+            // A line must finish within the line timeout of its first byte,
+            // however slowly its bytes trickle in; otherwise the idle timeout.
+            let wait_until = match line_started {
+                Some(t) => (t + ingest.config.line_timeout).min(Instant::now() + ingest.config.idle_timeout),
+                None => Instant::now() + ingest.config.idle_timeout,
+            };
+            let buf = framer.buffer();
+            let read = match deadline {
+                Some(d) => tokio::time::timeout_at(d, stream.read_buf(buf)).await,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        deadline = Some(Instant::now() + DRAIN_GRACE);
+                        continue;
+                    }
+                    _ = slot.evicted.cancelled() => {
+                        debug!("connection evicted to make room for a new one");
+                        break;
+                    }
+                    r = tokio::time::timeout_at(wait_until, stream.read_buf(buf)) => r,
+                },
+            };
+            match read {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "connection read failed");
                     break;
                 }
-                r = tokio::time::timeout_at(wait_until, stream.read_buf(buf)) => r,
-            },
-        };
-        let n = match read {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                debug!(error = %e, "connection read failed");
-                break;
-            }
-            Err(_) => {
-                if deadline.is_none() && line_started.is_some() {
-                    ingest.metrics.connections_evicted.with_label_values(&["line_timeout"]).inc();
-                    if let Some(suppressed) = ingest.bad_input_log.allow() {
-                        warn!(
-                            reason = "line_timeout",
-                            timeout = ?ingest.config.line_timeout,
-                            suppressed,
-                            "closed a connection whose line did not finish in time"
-                        );
+                Err(_) => {
+                    if deadline.is_none() && line_started.is_some() {
+                        ingest.metrics.connections_evicted.with_label_values(&["line_timeout"]).inc();
+                        if let Some(suppressed) = ingest.bad_input_log.allow() {
+                            warn!(
+                                reason = "line_timeout",
+                                timeout = ?ingest.config.line_timeout,
+                                suppressed,
+                                "closed a connection whose line did not finish in time"
+                            );
+                        }
+                    } else {
+                        debug!(grace = deadline.is_some(), "connection closed after timeout");
                     }
-                } else {
-                    debug!(grace = deadline.is_some(), "connection closed after timeout");
+                    break;
                 }
-                break;
             }
         };
         if n == 0 {
@@ -405,6 +419,8 @@ async fn handle(
         let frames = framer.scan(n);
         if !frames.lines.is_empty() {
             slot.completed_line();
+        } else {
+            slot.read_no_line();
         }
         ingest.handle_lines(frames.lines.iter().copied(), peer_pid);
         for _ in 0..frames.too_long {
@@ -422,6 +438,23 @@ async fn handle(
             (true, None) => Some(Instant::now()),
         };
     }
+}
+
+/// Reads, without waiting, what a new connection has already sent into the
+/// framer's buffer; returns how many bytes (0 for none, for end of stream,
+/// or on an error, all of which the connection's task finds out itself).
+fn read_waiting(stream: &UnixStream, framer: &mut Framer) -> usize {
+    let buf = framer.buffer();
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv(2) writes at most `spare.len()` bytes into the vector's
+    // spare capacity, which this function borrows mutably; MSG_DONTWAIT
+    // makes it return at once. Tokio's own readiness tracking is untouched:
+    // a later read that finds nothing simply waits for the next event.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    let Ok(n) = usize::try_from(n) else { return 0 };
+    // SAFETY: recv initialised exactly `n` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    n
 }
 
 /// The connection slots: at most `max` connections are served at once, and
@@ -450,9 +483,10 @@ pub(crate) struct SlotState {
 }
 
 impl SlotState {
-    /// Lower ranks are evicted first: connections that never completed a
-    /// line (oldest first) rank below every connection that did (least
-    /// recent line first).
+    /// Lower ranks are evicted first: connections that sent bytes but never
+    /// a whole line, then connections that sent nothing yet (oldest first
+    /// within each), then connections that completed lines (least recent
+    /// line first).
     fn rank(&self) -> i64 {
         self.last_line_ms.load(Ordering::Relaxed)
     }
@@ -484,13 +518,18 @@ impl Slots {
 
     /// A slot for a new connection, and whether another connection had to
     /// be evicted for it. The scan for the victim runs only at the limit.
-    pub(crate) fn admit(self: &Arc<Self>) -> (Slot, bool) {
+    /// `has_line`: the connection has already sent a whole line.
+    pub(crate) fn admit(self: &Arc<Self>, has_line: bool) -> (Slot, bool) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Never-completed connections rank by arrival, below every completed
         // line: arrival time minus a bias larger than any uptime in ms.
         let state = Arc::new(SlotState {
             evicted: CancellationToken::new(),
-            last_line_ms: std::sync::atomic::AtomicI64::new(self.now_ms() - NEVER_COMPLETED_BIAS),
+            last_line_ms: std::sync::atomic::AtomicI64::new(if has_line {
+                self.now_ms()
+            } else {
+                self.now_ms() - NEVER_COMPLETED_BIAS
+            }),
             fresh_line: AtomicBool::new(false),
         });
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -520,6 +559,17 @@ impl Slot {
     fn completed_line(&self) {
         self.state.last_line_ms.store(self.slots.now_ms(), Ordering::Relaxed);
         self.state.fresh_line.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that bytes arrived without completing a line. A connection
+    /// that has never completed one then ranks below even a connection whose
+    /// bytes have not been read yet: a bot writes its whole line at once, so
+    /// under a flood of new connections it is not the bot that goes.
+    fn read_no_line(&self) {
+        let rank = self.state.last_line_ms.load(Ordering::Relaxed);
+        if (-NEVER_COMPLETED_BIAS..0).contains(&rank) {
+            self.state.last_line_ms.store(rank - NEVER_COMPLETED_BIAS, Ordering::Relaxed);
+        }
     }
 
     /// Whether a line completed since the last call.
