@@ -103,6 +103,37 @@ fn the_readme_is_an_entry_point() {
     }
 }
 
+/// What a new user copies from the docs runs as written: `send` examples work
+/// right after the quick start's `cargo run` (nothing installed yet), every
+/// install is `--locked` (the versions CI tested), and the flag table names
+/// every log format.
+#[test]
+fn the_readme_commands_run_as_written() {
+    let readme = read("README.md");
+    let mut in_sh = false;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if in_sh && line.trim_start().starts_with("kissbot-exporter send") {
+            panic!("a send example needs an installed binary; use `cargo run -q --release -- send`: {line}");
+        }
+        if in_sh && line.contains("[--") {
+            panic!("an optional argument in brackets does not run as written: {line}");
+        }
+    }
+    for doc in ["README.md", "docs/MIGRATION.md", "deploy/systemd/kissbot-exporter.service"] {
+        for line in read(doc).lines().filter(|l| l.contains("cargo install ")) {
+            assert!(line.contains("--locked"), "{doc}: install without --locked: {line}");
+        }
+    }
+    let flags = readme.lines().find(|l| l.starts_with("| `--log.format`")).expect("--log.format in the flag table");
+    for format in ["`text`", "`logfmt`", "`json`"] {
+        assert!(flags.contains(format), "the flag table omits {format}: {flags}");
+    }
+}
+
 /// The modules a source file of the exporter names through `crate::`, outside
 /// its unit tests and comments.
 fn crate_paths(source: &str) -> BTreeSet<String> {
