@@ -398,7 +398,15 @@ fn a_read_only_database_directory_is_reported_as_not_writable() {
     // SAFETY: geteuid has no preconditions.
     let uid = if unsafe { libc::geteuid() } == 0 {
         // Root writes into any directory whatever its mode, so the exporter
-        // runs as nobody, for whom the mode holds.
+        // runs as nobody, for whom the mode holds. The build directory may
+        // sit where nobody cannot reach (a home or a private temp dir), so
+        // the binary is run from a copy in the test's own directory.
+        let exe = tmp.path().join("kissbot-exporter");
+        std::fs::copy(binary(), &exe).unwrap();
+        set(&exe, 0o755);
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(ToOwned::to_owned).collect();
+        cmd = std::process::Command::new(&exe);
+        cmd.args(args).env_remove("RUST_LOG").current_dir(tmp.path());
         cmd.uid(65534).gid(65534);
         65534
     } else {
