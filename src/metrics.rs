@@ -169,7 +169,7 @@ impl Metrics {
                 "Messages whose pid is not the pid of the process that sent them (possible spoofing).",
             ))?,
             config_reloads: IntCounterVec::new(
-                opts("kissbot_exporter_config_reloads_total", "Pricing file reloads, by outcome."),
+                opts("kissbot_exporter_config_reloads_total", "Reloads of the pricing and budgets files (SIGHUP or POST /-/reload), by outcome."),
                 &["outcome"],
             )?,
             config_last_reload_successful: IntGauge::with_opts(opts(
