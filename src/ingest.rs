@@ -266,7 +266,7 @@ pub(crate) async fn serve(
     listening: Arc<AtomicBool>,
 ) {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Slots::new(ingest.config.max_connections));
+    let slots = Arc::new(Slots::new(ingest.config.max_connections));
     let limit_log = RateLimitedLog::new(Duration::from_secs(10));
     listening.store(true, Ordering::SeqCst);
     info!(path = %guard.path().display(), "socket listening");
@@ -274,7 +274,7 @@ pub(crate) async fn serve(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => admit(stream, &ingest, &permits, &tracker, &shutdown, &limit_log),
+                Ok((stream, _)) => admit(stream, &ingest, &slots, &tracker, &shutdown, &limit_log),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "accept failed");
@@ -288,7 +288,7 @@ pub(crate) async fn serve(
     guard.remove();
     listening.store(false, Ordering::SeqCst);
     while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        admit(stream, &ingest, &permits, &tracker, &shutdown, &limit_log);
+        admit(stream, &ingest, &slots, &tracker, &shutdown, &limit_log);
     }
     drop(listener);
     tracker.close();
@@ -299,7 +299,7 @@ pub(crate) async fn serve(
 fn admit(
     stream: UnixStream,
     ingest: &Arc<Ingest>,
-    permits: &Arc<Slots>,
+    slots: &Arc<Slots>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
     limit_log: &RateLimitedLog,
@@ -322,7 +322,7 @@ fn admit(
     let mut framer = Framer::new(ingest.config.max_line_bytes);
     let early = read_waiting(&stream, &mut framer);
     let has_line = early > 0 && memchr::memchr(b'\n', framer.buffer()).is_some();
-    let (slot, evicted) = permits.admit(has_line);
+    let (slot, evicted) = slots.admit(has_line);
     if evicted {
         ingest.metrics.connections_evicted.with_label_values(&["limit"]).inc();
         if let Some(suppressed) = limit_log.allow() {
@@ -379,7 +379,7 @@ async fn handle(
                         deadline = Some(Instant::now() + DRAIN_GRACE);
                         continue;
                     }
-                    _ = slot.evicted.cancelled() => {
+                    _ = slot.state.evicted.cancelled() => {
                         debug!("connection evicted to make room for a new one");
                         break;
                     }
@@ -417,7 +417,8 @@ async fn handle(
             return;
         }
         let frames = framer.scan(n);
-        if !frames.lines.is_empty() {
+        let completed = !frames.lines.is_empty();
+        if completed {
             slot.completed_line();
         } else {
             slot.read_no_line();
@@ -433,7 +434,7 @@ async fn handle(
             (false, _) => None,
             // A line that finished in this read and another that began in
             // it: the new line's clock starts now.
-            (true, Some(_)) if slot.just_completed() => Some(Instant::now()),
+            (true, Some(_)) if completed => Some(Instant::now()),
             (true, Some(t)) => Some(t),
             (true, None) => Some(Instant::now()),
         };
@@ -472,14 +473,13 @@ pub(crate) struct Slots {
 
 /// What the registry knows of one connection.
 pub(crate) struct SlotState {
-    /// Fired to close the connection.
+    /// Fired when the registry takes this slot for a newer connection.
     evicted: CancellationToken,
-    /// Milliseconds since [`Slots::start`] of the last completed line, or of
-    /// the connection's arrival if it has completed none (as a negative
-    /// rank, see [`SlotState::rank`]).
+    /// The eviction rank ([`SlotState::rank`]): milliseconds since
+    /// [`Slots::start`] of the last completed line; for a connection that
+    /// has completed none, its arrival minus [`NEVER_COMPLETED_BIAS`], once
+    /// more if it has sent bytes without a line.
     last_line_ms: std::sync::atomic::AtomicI64,
-    /// Set by [`Slot::completed_line`], taken by [`Slot::just_completed`].
-    fresh_line: AtomicBool,
 }
 
 impl SlotState {
@@ -497,8 +497,6 @@ pub(crate) struct Slot {
     id: u64,
     slots: Arc<Slots>,
     state: Arc<SlotState>,
-    /// Fires when the registry takes this slot for a newer connection.
-    pub(crate) evicted: CancellationToken,
 }
 
 impl Slots {
@@ -530,7 +528,6 @@ impl Slots {
             } else {
                 self.now_ms() - NEVER_COMPLETED_BIAS
             }),
-            fresh_line: AtomicBool::new(false),
         });
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut evicted = false;
@@ -544,7 +541,7 @@ impl Slots {
         }
         open.insert(id, state.clone());
         drop(open);
-        let slot = Slot { id, slots: self.clone(), evicted: state.evicted.clone(), state };
+        let slot = Slot { id, slots: self.clone(), state };
         (slot, evicted)
     }
 }
@@ -558,7 +555,6 @@ impl Slot {
     /// Records that the connection completed at least one line just now.
     fn completed_line(&self) {
         self.state.last_line_ms.store(self.slots.now_ms(), Ordering::Relaxed);
-        self.state.fresh_line.store(true, Ordering::Relaxed);
     }
 
     /// Records that bytes arrived without completing a line. A connection
@@ -570,11 +566,6 @@ impl Slot {
         if (-NEVER_COMPLETED_BIAS..0).contains(&rank) {
             self.state.last_line_ms.store(rank - NEVER_COMPLETED_BIAS, Ordering::Relaxed);
         }
-    }
-
-    /// Whether a line completed since the last call.
-    fn just_completed(&self) -> bool {
-        self.state.fresh_line.swap(false, Ordering::Relaxed)
     }
 
     /// Gives the slot back (a no-op if it was already taken by eviction).
