@@ -409,17 +409,21 @@ impl SpendTracker {
     /// channels: the fleet's spend today, which does not fall when a bot
     /// goes.
     pub(crate) fn day_total<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> f64 {
-        let mut channels: BTreeSet<&str> = bots.collect();
-        channels.extend(self.departed.iter().map(String::as_str));
-        channels.iter().filter_map(|c| self.spend.get(*c)).map(|s| s.day_usd).sum()
+        self.with_departed(bots).iter().filter_map(|c| self.spend.get(*c)).map(|s| s.day_usd).sum()
     }
 
     /// The channels without an entry of their own among `bots` and the
     /// departed, each once.
     fn covered<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> BTreeSet<&'a str> {
+        let mut channels = self.with_departed(bots);
+        channels.retain(|c| !self.budgets.is_explicit(c));
+        channels
+    }
+
+    /// `bots` (the tracked bots) and the departed channels, each once.
+    fn with_departed<'a>(&'a self, bots: impl Iterator<Item = &'a str>) -> BTreeSet<&'a str> {
         let mut channels: BTreeSet<&str> = bots.collect();
         channels.extend(self.departed.iter().map(String::as_str));
-        channels.retain(|c| !self.budgets.is_explicit(c));
         channels
     }
 }

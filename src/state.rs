@@ -392,12 +392,18 @@ impl Bot {
     }
 
     fn status_row(&mut self, now: f64) -> Row {
+        self.status_row_saying(now, self.status.as_str())
+    }
+
+    /// The bot's `bot_status` row with `status` in place of its own (for a
+    /// forgotten bot).
+    fn status_row_saying(&mut self, now: f64, status: &'static str) -> Row {
         self.persisted_at = now;
         self.dirty = false;
         Row::BotStatus {
             channel: self.channel.clone(),
             pid: self.pid,
-            status: self.status.as_str(),
+            status,
             features_json: features_json(&self.features),
             registered_at: self.registered_at,
             last_seen: self.last_heartbeat,
@@ -538,7 +544,7 @@ impl State {
             Some(Status::Online) => return Forget::Online,
             Some(_) => {}
         }
-        let Some(bot) = self.remove_bot(channel) else { return Forget::Unknown };
+        let Some(mut bot) = self.remove_bot(channel) else { return Forget::Unknown };
         info!(
             channel = %bot.channel,
             pid = bot.pid,
@@ -550,14 +556,7 @@ impl State {
             "forgotten",
             Some(format!("was {}; by an operator", bot.status.as_str())),
         ));
-        let row = Row::BotStatus {
-            channel: bot.channel.clone(),
-            pid: bot.pid,
-            status: FORGOTTEN,
-            features_json: features_json(&bot.features),
-            registered_at: bot.registered_at,
-            last_seen: bot.last_heartbeat,
-        };
+        let row = bot.status_row_saying(now, FORGOTTEN);
         // Bounded like the bots themselves; at the bound the oldest entry
         // goes, which at worst lets one restart restore a forgotten bot.
         if self.forgotten.len() >= self.config.max_bots {
