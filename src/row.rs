@@ -193,6 +193,32 @@ impl UsageIds {
 }
 
 #[cfg(test)]
+impl Row {
+    /// An `llm_usage` row for tests: one token each way, model `m`, feature
+    /// `f`, `reported` when it has a cost and `unpriced` when not.
+    pub(crate) fn test_llm_usage(id: Option<i64>, ts: f64, channel: &str, cost_usd: Option<f64>) -> Row {
+        Row::LlmUsage {
+            id,
+            ts,
+            channel: channel.to_owned(),
+            model: "m".into(),
+            feature: "f".into(),
+            tokens_in: 1,
+            tokens_out: 1,
+            latency_ms: None,
+            cost_usd,
+            cost_source: if cost_usd.is_some() { "reported" } else { "unpriced" },
+            pid: None,
+            provider: None,
+            tokens_cached: 0,
+            status: "ok",
+            ttft_ms: None,
+            error_type: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::UsageIds;
 

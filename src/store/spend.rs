@@ -111,27 +111,6 @@ mod tests {
     use crate::store::schema::{self, DbOptions};
     use crate::store::writer::write_batch;
 
-    fn call(channel: String, ts: f64) -> Row {
-        Row::LlmUsage {
-            id: None,
-            ts,
-            channel,
-            model: "m".into(),
-            feature: "f".into(),
-            tokens_in: 1,
-            tokens_out: 1,
-            latency_ms: None,
-            cost_usd: Some(1.0),
-            cost_source: "reported",
-            pid: None,
-            provider: None,
-            tokens_cached: 0,
-            status: "ok",
-            ttft_ms: None,
-            error_type: None,
-        }
-    }
-
     /// A call just before or after midnight counts for the same day live
     /// (the state's tracker, fed the clock) and after a restart (the spend
     /// read back from the row the writer stored at that clock).
@@ -161,7 +140,7 @@ mod tests {
             one.roll(midnight, |_| true);
             let in_old_day = one.spend(&channel).unwrap().day_usd == 0.0 && spend.day_usd == 1.0;
             before_midnight.insert(channel.clone(), in_old_day);
-            rows.push(call(channel, now));
+            rows.push(Row::test_llm_usage(None, now, &channel, Some(1.0)));
         }
         live.roll(midnight, |_| true);
         write_batch(&mut conn, &rows).unwrap();

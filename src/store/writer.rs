@@ -533,27 +533,6 @@ mod tests {
         conn.last_insert_rowid()
     }
 
-    fn usage_row(id: Option<i64>) -> Row {
-        Row::LlmUsage {
-            id,
-            ts: 1.0,
-            channel: "a".into(),
-            model: "m".into(),
-            feature: "f".into(),
-            tokens_in: 1,
-            tokens_out: 1,
-            latency_ms: Some(5.0),
-            cost_usd: None,
-            cost_source: "unpriced",
-            pid: None,
-            provider: None,
-            tokens_cached: 0,
-            status: "ok",
-            ttft_ms: None,
-            error_type: None,
-        }
-    }
-
     #[test]
     fn reserved_ids_are_never_given_to_the_logger() {
         let dir = tempfile::tempdir().unwrap();
@@ -566,13 +545,17 @@ mod tests {
         // The logger's next rows land above the block, whatever the
         // exporter has written of it so far.
         assert_eq!(logger_insert(&logger), 102);
-        write_batch(&mut conn, &[usage_row(Some(start)), usage_row(Some(end - 1))]).unwrap();
+        write_batch(
+            &mut conn,
+            &[Row::test_llm_usage(Some(start), 1.0, "a", None), Row::test_llm_usage(Some(end - 1), 1.0, "a", None)],
+        )
+        .unwrap();
         assert_eq!(logger_insert(&logger), 103);
         // The next block starts above everything, and above the floor.
         assert_eq!(reserve_usage_ids(&mut conn, 0, 10).unwrap(), Some((104, 114)));
         assert_eq!(reserve_usage_ids(&mut conn, 500, 10).unwrap(), Some((501, 511)));
         // An id taken in a replaced file: the row is kept under a new id.
-        write_batch(&mut conn, &[usage_row(Some(102))]).unwrap();
+        write_batch(&mut conn, &[Row::test_llm_usage(Some(102), 1.0, "a", None)]).unwrap();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM llm_usage", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 6);
     }
