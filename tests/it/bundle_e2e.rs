@@ -35,13 +35,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bundle_support::{
-    dashboard_exprs, dashboards, read, referenced_metric_names, strict, substitute_for_live, variable_query, variables,
+    dashboard_exprs, dashboards, referenced_metric_names, strict, substitute_for_live, variable_query, variables,
     which, TEST_PRICES,
 };
 use crate::common::{metric_value, wait_until, Exporter};
 use crate::servers::{
-    alertmanager_alerts, find_alert, free_addr, http, poll, poll_all, prometheus_command, replace_all, set_yaml_values,
-    start_alertmanager, url_encode, write_rules, Server,
+    alertmanager_alerts, find_alert, http, poll, poll_all, start_alertmanager, start_bundle_prometheus, url_encode,
+    Server,
 };
 
 // ---------------------------------------------------------------------------
@@ -451,29 +451,7 @@ impl Drop for WebhookSink {
 }
 
 fn start_prometheus(binary: &Path, exporter: SocketAddr, alertmanager: SocketAddr) -> Server {
-    let dir = tempfile::tempdir().expect("prometheus temp dir");
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).expect("rules dir");
-    let shortened = write_rules(&rules, SHORTENED_FOR, SHORT_FOR);
-    eprintln!("bundle_e2e: rules loaded with shortened for: {shortened:?}");
-    let addr = free_addr();
-
-    // deploy/prometheus/prometheus.yml with the Compose host names replaced
-    // by the loopback addresses, the rules directory by the copy, and the
-    // intervals by 1 s.
-    const FILE: &str = "deploy/prometheus/prometheus.yml";
-    let config = set_yaml_values(&read(FILE), &["scrape_interval", "evaluation_interval", "scrape_timeout"], "1s");
-    let config = replace_all(&config, "exporter:8377", &exporter.to_string(), FILE);
-    let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
-    let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
-    let config = replace_all(&config, "/etc/prometheus/rules/", &format!("{}/", rules.display()), FILE);
-    let (mut cmd, _) = prometheus_command(binary, dir.path(), addr, &config);
-    // Prometheus finds the Alertmanager a few seconds after it starts
-    // (service discovery updates are throttled to 5 s); an alert that
-    // fires before that is dropped and by default sent again only after
-    // a minute. Resend every second instead.
-    cmd.arg("--rules.alert.resend-delay=1s");
-    Server::spawn("prometheus", cmd, addr, dir)
+    start_bundle_prometheus(binary, exporter, alertmanager, SHORTENED_FOR, SHORT_FOR)
 }
 
 /// One query to prove: where it comes from and the PromQL to run.

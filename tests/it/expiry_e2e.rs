@@ -13,16 +13,14 @@
 //!    `alertmanager` on `PATH`, and fails instead under `CI`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bundle_support::{read, strict, which};
+use crate::bundle_support::{strict, which};
 use crate::common::{metric_value, python_bot_then, wait_until, Exporter};
 use crate::servers::{
-    alertmanager_alerts, find_alert, free_addr, poll, prometheus_command, replace_all, set_yaml_values,
-    start_alertmanager, write_rules, Server,
+    alertmanager_alerts, find_alert, free_addr, poll, start_alertmanager, start_bundle_prometheus, Server,
 };
 
 /// The bot whose process exits without unregistering: `dead`.
@@ -236,20 +234,7 @@ fn servers() -> Option<(PathBuf, PathBuf)> {
 /// Prometheus on deploy/prometheus/prometheus.yml, scraping and evaluating
 /// every second, with the rules' copy in which [`SHORTENED_FOR`] fire fast.
 fn start_prometheus(binary: &Path, exporter: std::net::SocketAddr, alertmanager: std::net::SocketAddr) -> Server {
-    let dir = tempfile::tempdir().expect("prometheus temp dir");
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).expect("rules dir");
-    write_rules(&rules, SHORTENED_FOR, SHORT_FOR);
-    let addr = free_addr();
-    const FILE: &str = "deploy/prometheus/prometheus.yml";
-    let config = set_yaml_values(&read(FILE), &["scrape_interval", "evaluation_interval", "scrape_timeout"], "1s");
-    let config = replace_all(&config, "exporter:8377", &exporter.to_string(), FILE);
-    let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
-    let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
-    let config = replace_all(&config, "/etc/prometheus/rules/", &format!("{}/", rules.display()), FILE);
-    let (mut cmd, _): (Command, _) = prometheus_command(binary, dir.path(), addr, &config);
-    cmd.arg("--rules.alert.resend-delay=1s");
-    Server::spawn("prometheus", cmd, addr, dir)
+    start_bundle_prometheus(binary, exporter, alertmanager, SHORTENED_FOR, SHORT_FOR)
 }
 
 /// The state of an alert in Prometheus (`pending`, `firing`), if it is there.

@@ -300,3 +300,37 @@ pub fn set_yaml_values(text: &str, keys: &[&str], value_to: &str) -> String {
     }
     out
 }
+
+/// Prometheus on `deploy/prometheus/prometheus.yml`, scraping `exporter` and
+/// alerting `alertmanager`, evaluating every second, with a copy of the
+/// rules in which the `shortened` alerts fire after `short_for` (see
+/// [`write_rules`], whose list it logs).
+pub fn start_bundle_prometheus(
+    binary: &Path,
+    exporter: SocketAddr,
+    alertmanager: SocketAddr,
+    shortened: &[&str],
+    short_for: &str,
+) -> Server {
+    let dir = tempfile::tempdir().expect("prometheus temp dir");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).expect("rules dir");
+    let done = write_rules(&rules, shortened, short_for);
+    eprintln!("rules loaded with shortened for: {done:?}");
+    let addr = free_addr();
+    // The Compose host names replaced by the loopback addresses, the rules
+    // directory by the copy, and the intervals by 1 s.
+    const FILE: &str = "deploy/prometheus/prometheus.yml";
+    let config = set_yaml_values(&read(FILE), &["scrape_interval", "evaluation_interval", "scrape_timeout"], "1s");
+    let config = replace_all(&config, "exporter:8377", &exporter.to_string(), FILE);
+    let config = replace_all(&config, "alertmanager:9093", &alertmanager.to_string(), FILE);
+    let config = replace_all(&config, "localhost:9090", &addr.to_string(), FILE);
+    let config = replace_all(&config, "/etc/prometheus/rules/", &format!("{}/", rules.display()), FILE);
+    let (mut cmd, _) = prometheus_command(binary, dir.path(), addr, &config);
+    // Prometheus finds the Alertmanager a few seconds after it starts
+    // (service discovery updates are throttled to 5 s); an alert that
+    // fires before that is dropped and by default sent again only after
+    // a minute. Resend every second instead.
+    cmd.arg("--rules.alert.resend-delay=1s");
+    Server::spawn("prometheus", cmd, addr, dir)
+}
