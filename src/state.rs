@@ -840,9 +840,9 @@ impl State {
         // the row keeps them whole. Such names are rare, so only they cost
         // an allocation here.
         let (model, feature, whole) = if u.truncated {
-            let cut =
-                (truncate(&u.model, MAX_LABEL_BYTES).to_owned(), truncate(&u.feature, MAX_LABEL_BYTES).to_owned());
-            (cut.0, cut.1, Some((u.model, u.feature)))
+            let model = truncate(&u.model, MAX_LABEL_BYTES).to_owned();
+            let feature = truncate(&u.feature, MAX_LABEL_BYTES).to_owned();
+            (model, feature, Some((u.model, u.feature)))
         } else {
             (u.model, u.feature, None)
         };
